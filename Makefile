@@ -1,0 +1,31 @@
+# instructflow: `make demo` runs the pipeline on embedded defaults, `make test` passes the suite.
+# Both create the virtual environment on first use (.venv in the checkout; rebuilt when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "instructflow needs Python 3.11 (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned in pyproject.toml (torch==2.13.0): never let the resolver pick a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m flows.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.model
+
+clean:
+	rm -rf $(VENV) .instructflow-test

@@ -1,0 +1,55 @@
+"""A checkpoint is a directory: `model.pt` (weights) + `config.json` (the GPTConfig that rebuilds them).
+
+Writes are atomic: the directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.config import GPTConfig
+from model.errors import InstructflowError
+from model.gpt import GPT
+
+
+def save_checkpoint(model: GPT, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write model.pt + config.json (+ extra.pt, e.g. optimiser state) into `directory`, replacing it whole."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        torch.save(model.state_dict(), staging / "model.pt")
+        (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        if extra is not None:
+            torch.save(extra, staging / "extra.pt")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict | None]:
+    """The model saved in `directory` and its extra state (None if it had none)."""
+    directory = Path(directory)
+    if not (directory / "model.pt").is_file() or not (directory / "config.json").is_file():
+        raise InstructflowError(f"{directory} is not a checkpoint: it needs model.pt and config.json")
+    try:
+        config = GPTConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        state = torch.load(directory / "model.pt", map_location=device, weights_only=True)
+    except (json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InstructflowError(f"checkpoint {directory} is unreadable ({e}); delete it and train again") from None
+    model = GPT(config).to(device)
+    model.load_state_dict(state)
+    extra_path = directory / "extra.pt"
+    extra = torch.load(extra_path, map_location=device, weights_only=False) if extra_path.exists() else None
+    return model, extra
