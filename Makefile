@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	$(BIN)/python -m flows.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.model

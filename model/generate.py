@@ -100,8 +100,9 @@ def generate(
     new_tokens = []
     step_input = idx
     for _ in range(max_new_tokens):
-        logits, _ = model(step_input, attention_mask=mask, cache=cache)  # (B, T, vocab)
-        token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+        hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)  # (B, T, C)
+        logits = model.lm_head(hidden[:, -1, :])  # (B, vocab): only the last position is sampled from
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         token = token.masked_fill(done, pad_token)  # finished sequences only pad
         new_tokens.append(token)
         done |= torch.isin(token, stops)

@@ -1,0 +1,33 @@
+"""Device and precision, chosen in this one place: CUDA with bf16 autocast where a GPU exists, else CPU in fp32."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; fp32 means no autocast
+
+    def autocast(self):
+        """A context for forward passes: bf16 autocast on GPU, nothing on CPU (bf16 is ~4x slower there)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @property
+    def autocast_factory(self):
+        return partial(Runtime.autocast, self)
+
+
+def choose_runtime(prefer: str | None = None) -> Runtime:
+    """CUDA + bf16 if available (or `prefer="cuda"`), else CPU + fp32; `prefer="cpu"` forces the CPU."""
+    if prefer != "cpu" and torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return Runtime(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32)
+    return Runtime(torch.device("cpu"), torch.float32)
