@@ -27,12 +27,32 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train the tiny model on real text for about a minute and print samples")
     demo.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
+    sample = commands.add_parser("sample", help="continue a prompt with a trained checkpoint")
+    sample.add_argument("prompt", help="text to continue")
+    sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the demo's)")
+    sample.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the demo's)")
+    sample.add_argument("--max-new-tokens", type=int, default=100)
+    sample.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from flows.demo import demo as run_demo
 
         return run_reporting_errors(lambda: run_demo(seconds=args.seconds))
+    if args.command == "sample":
+        return run_reporting_errors(lambda: _sample(args))
     return 1
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from model.tokenizer import Tokenizer
+    from tasks.pretrain import sample_texts
+    from tasks.settings import state_dir
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else state_dir() / "demo" / "checkpoint"
+    tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else state_dir() / "demo" / "tokenizer.json")
+    print(sample_texts(checkpoint, tokenizer, [args.prompt], args.max_new_tokens, seed=args.seed)[0])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""The command line prints user errors as one line, without a traceback, and samples from a checkpoint."""
+
+import subprocess
+import sys
+
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.config import GPTConfig
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
+
+
+def run_cli(*args, tmp_path):
+    env = {"INSTRUCTFLOW_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    tokenizer = Tokenizer.train(["some text to learn from"] * 10, vocab_size=300)
+    tokenizer.save(tmp_path / "tok.json")
+    result = run_cli("sample", "hello", "--checkpoint", str(tmp_path / "nowhere"), "--tokenizer",
+                     str(tmp_path / "tok.json"), tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} is not a checkpoint: "
+                                                  "it needs model.pt and config.json"]
+
+
+def test_sample_continues_a_prompt(tmp_path):
+    tokenizer = Tokenizer.train(["the cat sat on the mat. " * 20], vocab_size=300)
+    tokenizer.save(tmp_path / "tok.json")
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)),
+                    tmp_path / "ckpt")
+    result = run_cli("sample", "the cat", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer",
+                     str(tmp_path / "tok.json"), "--max-new-tokens", "5", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the cat") and len(result.stdout.strip()) > len("the cat")
