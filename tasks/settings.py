@@ -1,7 +1,15 @@
-"""Where instructflow keeps its state, read from the environment in this one place.
+"""Where instructflow keeps its state and how it finds its services, read from the environment in this one place.
 
 Everything a run writes lives under one state directory (default `.instructflow/` in the checkout,
-overridable with INSTRUCTFLOW_STATE_DIR). Deleting it resets the machine; nothing is written to `~`.
+INSTRUCTFLOW_STATE_DIR moves it); deleting it resets the machine, and nothing is written to `~`.
+Each service has an embedded default and a scale-out switch:
+
+  Prefect  ephemeral API in-process, its database in the state dir  | PREFECT_API_URL -> a Prefect server
+  Ray      a local ray.init(), temp files and auth token in state    | RAY_ADDRESS -> an existing cluster
+  MLflow   SQLite + local artifacts in the state dir                 | MLFLOW_TRACKING_URI -> a tracking server
+
+`apply_environment()` runs when `tasks` is first imported, before Prefect, Ray or MLflow read their settings.
+Tokens are never read here into code paths that log: they stay in the environment or in files in the state dir.
 """
 
 from __future__ import annotations
@@ -20,7 +28,57 @@ def state_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Downloaded carrier packages and files extracted from them (safe to delete; refetched on demand)."""
-    path = state_dir() / "cache"
+    """Downloaded carrier packages and files extracted from them (safe to delete; refetched on demand).
+
+    INSTRUCTFLOW_CACHE_DIR can share one cache between several state directories (the tests do).
+    """
+    path = Path(os.environ.get("INSTRUCTFLOW_CACHE_DIR") or state_dir() / "cache").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    """Where one stage's outputs for one input+config key live: <state>/stages/<stage>/<key>/."""
+    return state_dir() / "stages" / stage / key
+
+
+def mlflow_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Artifact location for experiments this project creates (only used with the embedded SQLite store)."""
+    return (state_dir() / "mlflow" / "artifacts").as_uri()
+
+
+def ray_address() -> str | None:
+    """An existing Ray cluster to attach to, or None for a local one started on demand."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_temp_dir() -> Path:
+    """Ray's session files; kept short because Ray's socket paths must fit in 107 bytes."""
+    return state_dir() / "ray"
+
+
+def apply_environment() -> None:
+    """Point Prefect, Ray and MLflow at the state dir and turn off their telemetry, unless already set."""
+    state = state_dir()
+    (state / "mlflow").mkdir(exist_ok=True)
+    (state / "ray").mkdir(exist_ok=True)
+    defaults = {
+        "PREFECT_HOME": state / "prefect",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # a cold ephemeral server takes 12-26 s on 2 cores; Prefect's default of 20 s is too tight
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_TOKEN_PATH": state / "ray" / "auth_token",
+        "RAY_TMPDIR": state / "ray",
+        # Ray Train's controller polls workers every few seconds; each report() would wait that long
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "MLFLOW_TRACKING_URI": mlflow_tracking_uri(),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TORCHINDUCTOR_CACHE_DIR": state / "torchinductor",
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, str(value))

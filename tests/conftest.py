@@ -6,6 +6,8 @@ machine downloads anything. A failed download fails the tests that need it (neve
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,14 @@ import pytest
 from model.tokenizer import Tokenizer
 
 TEST_STATE_DIR = Path(__file__).resolve().parents[1] / ".instructflow-test"
+
+# The whole session writes its state (Prefect, Ray, MLflow databases, stage outputs) into a fresh directory
+# with a short path (Ray's socket paths must fit in 107 bytes), never into the user's `.instructflow/`;
+# downloads go to a cache that outlives the session, so only a machine's first run fetches anything.
+os.environ["INSTRUCTFLOW_STATE_DIR"] = tempfile.mkdtemp(prefix="if-test-")
+os.environ["INSTRUCTFLOW_CACHE_DIR"] = str(TEST_STATE_DIR / "cache")
+for _inherited in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
+    os.environ.pop(_inherited, None)  # tests use the embedded services, whatever the shell points at
 
 
 def _fetch(fetch: Callable[[], Path]) -> Path:

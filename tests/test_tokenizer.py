@@ -283,6 +283,7 @@ def test_corrupt_tokenizer_file(trained: Tokenizer, tmp_path: Path):
 @pytest.fixture
 def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("INSTRUCTFLOW_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("INSTRUCTFLOW_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
