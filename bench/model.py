@@ -16,20 +16,8 @@ from model.config import GPTConfig, config_for, flops_per_token
 from model.generate import generate
 from model.gpt import GPT
 from model.train import TrainConfig, make_optimizer
-from tasks.runtime import choose_runtime
+from tasks.runtime import choose_runtime, matmul_peak_flops
 from tasks.settings import state_dir
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of an n x n fp32 matmul: the roof that MFU is measured against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def train_throughput(config: GPTConfig, batch_size: int, seq_len: int, steps: int, peak: float) -> dict:
@@ -78,7 +66,7 @@ def main() -> None:
     if runtime.device.type != "cpu":
         print(f"note: this benchmark measures the CPU path; a {runtime.device} was found but is not used here")
     torch.set_grad_enabled(True)
-    peak = matmul_peak()
+    peak = matmul_peak_flops()
     tiny = config_for("tiny")
     gpt2_small = config_for("gpt2", dropout=0.0)
     print(f"fp32 matmul peak (2048^2): {peak / 1e9:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")

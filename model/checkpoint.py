@@ -6,35 +6,25 @@ Writes are atomic: the directory appears complete or not at all.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from model.config import GPTConfig
 from model.errors import InstructflowError
+from model.files import atomic_directory
 from model.gpt import GPT
 
 
 def save_checkpoint(model: GPT, directory: str | Path, extra: dict | None = None) -> Path:
     """Write model.pt + config.json (+ extra.pt, e.g. optimiser state) into `directory`, replacing it whole."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         torch.save(model.state_dict(), staging / "model.pt")
         (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         if extra is not None:
             torch.save(extra, staging / "extra.pt")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -75,18 +75,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=False)
 
 
-def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, seed_offset: int = 0):
+def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, stream: int = 0, rank: int = 0):
     """The (inputs, targets) micro-batch for a given step, each (B, seq_len): random windows, fixed by the seed.
 
-    A batch depends only on (seed, step, micro), so a resumed run continues with exactly the data it would
-    have seen: the data position is the step.
+    A batch depends only on (seed, stream, step, micro, rank): a resumed run continues with exactly the data
+    it would have seen (the data position is the step), and each data-parallel rank draws its own windows.
+    Stream 0 is training data, stream 1 the fixed evaluation batches.
     """
     if len(tokens) <= cfg.seq_len + 1:
         raise InstructflowError(
             f"the token stream has {len(tokens)} tokens, fewer than one context window of {cfg.seq_len} + 1: "
             f"use more text or a shorter seq_len"
         )
-    rng = np.random.default_rng([cfg.seed, seed_offset, step, micro])
+    rng = np.random.default_rng([cfg.seed, stream, step, micro, rank])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
     window = np.stack([tokens[s:s + cfg.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
     data = torch.from_numpy(window)
@@ -100,7 +101,7 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, cfg: TrainConfig, device, auto
     model.eval()
     losses = []
     for n in range(cfg.eval_batches):
-        x, y = batch_at(tokens, 0, n, cfg, seed_offset=1)
+        x, y = batch_at(tokens, 0, n, cfg, stream=1)
         with autocast():
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
@@ -126,11 +127,13 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_step_end: Callable[[TrainState], None] | None = None,
     autocast=None,
+    rank: int = 0,
 ) -> TrainState:
     """Train from `state` (a fresh one by default) to cfg.max_steps; metrics go to `log(metrics, step)`.
 
     `on_step_end` runs after every optimiser step (the caller's checkpoint hook). The model may be wrapped
-    (DDP, torch.compile); `autocast` is a no-argument context factory (bf16 on GPU) chosen by the caller.
+    (DDP, torch.compile); `autocast` is a no-argument context factory (bf16 on GPU) chosen by the caller;
+    `rank` selects this data-parallel worker's share of each step's batches.
     """
     autocast = autocast or nullcontext
     device = next(model.parameters()).device
@@ -146,7 +149,7 @@ def train(
             group["lr"] = lr
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = batch_at(train_tokens, state.step, micro, cfg)
+            x, y = batch_at(train_tokens, state.step, micro, cfg, rank=rank)
             with autocast():
                 _, loss = model(x.to(device), y.to(device))
             (loss / cfg.grad_accum).backward()

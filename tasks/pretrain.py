@@ -1,7 +1,20 @@
-"""Pretraining on this machine: the plain loop from model/ on the best local device, ending in a checkpoint."""
+"""Pretraining as a Ray Train job: the plain loop from model/ in each worker, checkpoints through ray.train.report.
+
+The driver side (`run_pretraining`) starts or attaches to Ray and runs a `TorchTrainer`; the worker side
+(`worker_loop`) adds what distribution needs around `model.train.train`: DDP, a per-rank data shard,
+checkpoints every N steps (each report costs Ray a round trip, so not every step), resume from the latest
+checkpoint, and rank-0-only metrics to MLflow. A new run with the same key continues where the last one
+stopped: Ray Train restores its checkpoint list from the run's storage directory.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
+import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,11 +23,188 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import GPTConfig
+from model.errors import InstructflowError
+from model.files import atomic_directory
 from model.generate import generate
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from model.train import TrainConfig, TrainState, train
-from tasks.runtime import choose_runtime
+from model.train import TrainConfig, TrainState, make_optimizer, train
+from tasks.runtime import Runtime, choose_runtime, matmul_peak_flops
+from tasks.settings import ray_address, ray_temp_dir, state_dir
+
+METRIC_PREFIX = "pretrain/"
+
+
+def ensure_ray() -> None:
+    """Attach to RAY_ADDRESS if set, else start a local Ray (files and auth token in the state dir)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    elif threading.current_thread() is threading.main_thread():
+        _start_local_ray()
+    else:
+        _start_local_ray_in_keeper_thread()
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    _ensure_ray_token()
+    ray.init(_temp_dir=str(ray_temp_dir()), _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
+
+
+def _start_local_ray_in_keeper_thread() -> None:
+    """Start local Ray from a thread that lives as long as the process.
+
+    Ray starts its head processes with PR_SET_PDEATHSIG, which Linux fires when the *thread* that started
+    them exits: started from a Prefect task thread, the whole local cluster would die with that thread.
+    """
+    started, failure = threading.Event(), []
+
+    def keeper() -> None:
+        try:
+            _start_local_ray()
+        except BaseException as e:  # handed to the caller below
+            failure.append(e)
+        finally:
+            started.set()
+        threading.Event().wait()  # never returns; the daemon thread ends with the process
+
+    threading.Thread(target=keeper, name="ray-head-keeper", daemon=True).start()
+    started.wait()
+    if failure:
+        raise failure[0]
+
+
+def _ensure_ray_token() -> None:
+    """Ray's token auth needs a token; a local cluster gets a random one, readable only by this user."""
+    path = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    if not path.exists() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(secrets.token_hex(32))
+
+
+def worker_loop(job: dict) -> None:
+    """One Ray Train worker: resume if a checkpoint exists, train, report checkpoints every N steps."""
+    import ray.train
+    import ray.train.torch
+
+    from tasks.tracking import MetricBuffer, NullMetricBuffer
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    runtime = Runtime(device, torch.bfloat16 if bf16 else torch.float32)
+    cfg = TrainConfig(**job["train"])
+    if cfg.peak_flops is None:
+        cfg.peak_flops = matmul_peak_flops(device, runtime.dtype, repeats=3)
+    vocab = job["vocab_size"]
+    train_tokens, val_tokens = _tokens(job["train_tokens"], vocab), _tokens(job["val_tokens"], vocab)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig.from_dict(job["model"])).to(device)
+    optimizer = make_optimizer(model, cfg)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group, or a new run of the same key
+        with checkpoint.as_directory() as directory:
+            restored, extra = load_checkpoint(directory, device=device)
+        model.load_state_dict(restored.state_dict())
+        optimizer.load_state_dict(extra["optimizer"])
+        state = TrainState(step=extra["step"], tokens_seen=extra["tokens_seen"])
+    ddp = ray.train.torch.prepare_model(model)  # DistributedDataParallel when there are several workers
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    if state.step:
+        metrics.mark_resume(state.step)
+
+    def report(state: TrainState) -> None:
+        if state.step % job["checkpoint_every"] and state.step != cfg.max_steps:
+            return
+        last = state.history[-1] if state.history else {}
+        summary = {"step": state.step, **{k: last[k] for k in ("loss", "val_loss") if k in last}}
+        with tempfile.TemporaryDirectory() as staging:
+            checkpoint = None
+            if rank == 0:
+                extra = {"optimizer": optimizer.state_dict(), "step": state.step, "tokens_seen": state.tokens_seen}
+                save_checkpoint(model, Path(staging) / "checkpoint", extra=extra)
+                checkpoint = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
+            ray.train.report(summary, checkpoint=checkpoint)  # every rank reports: it is a barrier
+        metrics.flush()
+
+    train(ddp, train_tokens, val_tokens, cfg, log=metrics.add, state=state, optimizer=optimizer,
+          on_step_end=report, autocast=runtime.autocast_factory, rank=rank)
+
+
+def _tokens(path: str, vocab_size: int) -> np.ndarray:
+    from tasks.corpus import read_tokens
+
+    return read_tokens(Path(path), vocab_size)
+
+
+def run_pretraining(
+    *,
+    key: str,
+    model_config: GPTConfig,
+    train_config: TrainConfig,
+    train_tokens: Path,
+    val_tokens: Path,
+    vocab_size: int,
+    output_dir: Path,
+    run_id: str | None,
+    num_workers: int = 1,
+    use_gpu: bool | None = None,
+    checkpoint_every: int = 100,
+    max_failures: int = 1,
+) -> Path:
+    """Run the TorchTrainer for this key (resuming its latest checkpoint) and copy the final one to output_dir."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if train_config.max_seconds is not None:
+        raise InstructflowError("max_seconds is for the single-process demo loop; give Ray jobs max_steps")
+    ensure_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    job = {
+        "model": model_config.to_dict(), "train": dataclasses.asdict(train_config), "vocab_size": vocab_size,
+        "train_tokens": str(train_tokens), "val_tokens": str(val_tokens), "run_id": run_id,
+        "checkpoint_every": checkpoint_every,
+    }
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=f"pretrain-{key}",
+            storage_path=str(state_dir() / "ray_results"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("the pretraining job ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        _copy_atomic(Path(directory), output_dir)
+    return output_dir
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy a checkpoint's weights and config (not its optimiser state); `target` appears complete or not at all."""
+    with atomic_directory(target) as staging:
+        for name in ("model.pt", "config.json"):
+            shutil.copy2(source / name, staging / name)
 
 
 def pretrain_local(
@@ -25,7 +215,7 @@ def pretrain_local(
     checkpoint_dir: Path,
     log: Callable[[dict, int], None],
 ) -> TrainState:
-    """Train a fresh GPT and save it to `checkpoint_dir` (model.pt + config.json)."""
+    """The same training without Ray, in this process (the benchmark's baseline and the quick demo)."""
     runtime = choose_runtime()
     torch.manual_seed(cfg.seed)
     model = GPT(config).to(runtime.device)
@@ -39,6 +229,7 @@ def sample_texts(checkpoint_dir: Path, tokenizer: Tokenizer, prompts: list[str],
     """Prompt + continuation for each prompt, sampled with temperature 0.8 and top-k 50."""
     model, _ = load_checkpoint(checkpoint_dir, device=choose_runtime().device)
     encoded = [tokenizer.encode(p) for p in prompts]
-    out = generate(model, encoded, max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+    room = model.config.block_size - max(len(e) for e in encoded)  # a short context caps the sample's length
+    out = generate(model, encoded, max(1, min(max_new_tokens, room)), temperature=0.8, top_k=50, seed=seed,
                    stop_tokens=[tokenizer.eot_id], pad_token=tokenizer.eot_id)
     return [p + tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for p, o in zip(prompts, out)]

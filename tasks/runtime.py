@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,3 +32,20 @@ def choose_runtime(prefer: str | None = None) -> Runtime:
         bf16 = torch.cuda.is_bf16_supported()
         return Runtime(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32)
     return Runtime(torch.device("cpu"), torch.float32)
+
+
+def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                      repeats: int = 10) -> float:
+    """Best FLOP/s of an n x n matmul on this device: the roof that MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

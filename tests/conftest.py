@@ -7,6 +7,7 @@ machine downloads anything. A failed download fails the tests that need it (neve
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ TEST_STATE_DIR = Path(__file__).resolve().parents[1] / ".instructflow-test"
 # The whole session writes its state (Prefect, Ray, MLflow databases, stage outputs) into a fresh directory
 # with a short path (Ray's socket paths must fit in 107 bytes), never into the user's `.instructflow/`;
 # downloads go to a cache that outlives the session, so only a machine's first run fetches anything.
-os.environ["INSTRUCTFLOW_STATE_DIR"] = tempfile.mkdtemp(prefix="if-test-")
+SESSION_STATE_DIR = tempfile.mkdtemp(prefix="if-test-")
+os.environ["INSTRUCTFLOW_STATE_DIR"] = SESSION_STATE_DIR
 os.environ["INSTRUCTFLOW_CACHE_DIR"] = str(TEST_STATE_DIR / "cache")
 for _inherited in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
     os.environ.pop(_inherited, None)  # tests use the embedded services, whatever the shell points at
@@ -53,3 +55,8 @@ def tiny_shakespeare() -> Path:
 def gpt2_tokenizer(gpt2_ranks: Path) -> Tokenizer:
     """GPT-2's encoding (converted once per machine, then loaded from its cached tokenizer.json)."""
     return Tokenizer.gpt2(gpt2_ranks)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("INSTRUCTFLOW_KEEP_TEST_STATE"):  # set it to look at a failed session's logs
+        shutil.rmtree(SESSION_STATE_DIR, ignore_errors=True)

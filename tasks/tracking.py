@@ -1,0 +1,210 @@
+"""MLflow bookkeeping: one experiment, one run per stage nested under the pipeline's, stage cache lookups, metrics.
+
+Everything goes through `MlflowClient` with explicit run ids (no fluent "active run"), so Prefect task
+threads and Ray workers can log safely. Params hold configs only: tokens and passwords never reach MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from model.errors import InstructflowError
+from tasks.settings import CHECKOUT, mlflow_artifact_root, mlflow_tracking_uri
+
+EXPERIMENT = "instructflow"
+STAGE_TAG, KEY_TAG, OUTPUT_TAG = "instructflow.stage", "instructflow.key", "instructflow.output_uri"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting runs
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=mlflow_tracking_uri())
+
+
+def experiment_id() -> str:
+    """The project's experiment, created on first use (artifacts in the state dir for the embedded store)."""
+    tracking = client()
+    try:
+        experiment = tracking.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        local = mlflow_tracking_uri().startswith("sqlite:")
+        return tracking.create_experiment(EXPERIMENT, artifact_location=mlflow_artifact_root() if local else None)
+    except MlflowException as e:
+        raise InstructflowError(
+            f"cannot reach MLflow at {mlflow_tracking_uri()} ({e.message.splitlines()[0]}); start it (`make up`) "
+            f"or unset MLFLOW_TRACKING_URI to use the embedded store"
+        ) from None
+
+
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    finished: bool  # a FINISHED run whose output can be reused
+    output_uri: str | None
+
+
+def find_stage_run(stage: str, key: str) -> StageRun | None:
+    """The newest run of `stage` for this input+config key, if any."""
+    runs = client().search_runs(
+        [experiment_id()],
+        filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return StageRun(run.info.run_id, run.info.status == "FINISHED", run.data.tags.get(OUTPUT_TAG))
+
+
+def start_stage_run(stage: str, key: str, params: Mapping[str, object], parent_run_id: str | None) -> str:
+    """Open the MLflow run of a stage: the unfinished run of the same key is reopened (its curves continue)."""
+    tracking = client()
+    previous = find_stage_run(stage, key)
+    if previous is not None and not previous.finished:
+        tracking.update_run(previous.run_id, status="RUNNING")
+        return previous.run_id
+    tags = {STAGE_TAG: stage, KEY_TAG: key}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = tracking.create_run(experiment_id(), run_name=stage, tags=tags)
+    flat = flatten(params)
+    tracking.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def start_pipeline_run(name: str, params: Mapping[str, object]) -> str:
+    """A new parent run for one run of a pipeline flow (never reused: each run of the flow is its own)."""
+    run = client().create_run(experiment_id(), run_name=name, tags={"instructflow.flow": name})
+    client().log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
+    return run.info.run_id
+
+
+def finish_stage_run(run_id: str, output_uri: str, tags: Mapping[str, str] | None = None) -> None:
+    tracking = client()
+    for name, value in {OUTPUT_TAG: output_uri, **(tags or {})}.items():
+        tracking.set_tag(run_id, name, value)
+    tracking.set_terminated(run_id, "FINISHED")
+
+
+def fail_stage_run(run_id: str) -> None:
+    client().set_terminated(run_id, "FAILED")
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()]
+    client().log_batch(run_id, metrics=batch)
+
+
+def log_dataset(run_id: str, parquet: Path, name: str, digest: str) -> None:
+    """Record a parquet dataset as an input of the run (MLflow's dataset tracking: schema, digest, source)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.read_parquet(parquet).drop(columns=["text"], errors="ignore")  # per-document stats, not the text
+    dataset = mlflow.data.from_pandas(frame, source=str(parquet), name=name, digest=digest[:16])
+    context = InputTag(key="mlflow.data.context", value="training")
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def flatten(values: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """{"model": {"n_layer": 4}} -> {"model.n_layer": 4}, for MLflow params."""
+    flat: dict[str, object] = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+class MetricBuffer:
+    """Training metrics of one run, sent to MLflow in batches; steps it already has are never sent again.
+
+    A run that crashes resumes from its last checkpoint and recomputes the steps after it. Whatever MLflow
+    recorded for those steps before the crash stays; the recomputed ones are dropped, so the curve simply
+    continues with no step logged twice (`watch` names the metric whose last step marks the resume point).
+    """
+
+    def __init__(self, run_id: str, prefix: str, watch: str = "loss") -> None:
+        self.run_id, self.prefix = run_id, prefix
+        history = client().get_metric_history(run_id, f"{prefix}{watch}")
+        self.logged_through = max((m.step for m in history), default=0)
+        self.pending: list[tuple[dict, int]] = []
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        if step > self.logged_through:
+            self.pending.append((dict(metrics), step))
+
+    def mark_resume(self, step: int) -> None:
+        """Record that training resumed from a checkpoint at `step` (metric `<prefix>resumed_from`)."""
+        log_metrics(self.run_id, {f"{self.prefix}resumed_from": step}, step=step)
+
+    def flush(self) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(f"{self.prefix}{k}", float(v), now, step) for metrics, step in self.pending
+                 for k, v in metrics.items()]
+        for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+            client().log_batch(self.run_id, metrics=batch[start:start + 1000])
+        if self.pending:
+            self.logged_through = self.pending[-1][1]
+        self.pending.clear()
+
+
+class NullMetricBuffer:
+    """What ranks other than 0 get: the same calls, no side effects."""
+
+    def mark_resume(self, step: int) -> None:
+        pass
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def register_text_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
+                        aliases: tuple[str, ...] = ()) -> str:
+    """Log a checkpoint as a pyfunc text generator in `run_id`, register it as `name`; returns the version.
+
+    Every call adds a version; `models:/NAME/latest` is always the newest (MLflow reserves the alias
+    "latest" for that), other aliases are set here.
+    """
+    import mlflow
+
+    from tasks.text_model import DEFAULT_PARAMS
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("text_model.py")),
+            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_path)},
+            code_paths=[str(CHECKOUT / "model")],
+            pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}", "pandas"],
+            input_example=(["Once upon a time"], DEFAULT_PARAMS),  # also declares the params
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    for alias in aliases:
+        client().set_registered_model_alias(name, alias, version)
+    return version
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

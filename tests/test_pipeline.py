@@ -1,0 +1,138 @@
+"""The pipeline for real: Prefect (test harness), a local Ray running Ray Train, MLflow on SQLite, tiny settings.
+
+One session-wide corpus; each test runs the `pipeline` flow and checks what MLflow recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tasks import tracking
+from tasks.params import IngestParams, PretrainParams, TokenizerParams
+from tasks.settings import state_dir
+
+TOKENIZER = TokenizerParams(vocab_size=512)
+TINY = PretrainParams(n_layer=1, n_head=2, n_embd=32, block_size=64, max_steps=40, batch_size=4,
+                      warmup_steps=5, eval_every=20, checkpoint_every=10)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_shakespeare: Path, tmp_path_factory) -> Path:
+    """Real text in three files (TinyShakespeare's first 300 kB), as a directory source."""
+    text = tiny_shakespeare.read_text(encoding="utf-8")[:300_000]
+    folder = tmp_path_factory.mktemp("corpus")
+    for n in range(3):
+        (folder / f"part{n}.txt").write_text(text[n * 100_000:(n + 1) * 100_000])
+    return folder
+
+
+def stage_runs(stage: str):
+    return tracking.client().search_runs([tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = '{stage}'")
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    return [m.step for m in tracking.client().get_metric_history(run_id, key)]
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(prefect_api, corpus):
+    from flows.pipeline import pipeline
+
+    ingest = IngestParams(sources=[str(corpus)], min_chars=50)
+    first = pipeline(ingest, TOKENIZER, TINY)
+    assert Path(first["checkpoint"], "model.pt").is_file()
+
+    client = tracking.client()
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    runs = {stage: stage_runs(stage) for stage in ("ingest", "tokenizer", "pretrain")}
+    assert all(len(r) == 1 for r in runs.values()), runs
+    for stage_run in (r[0] for r in runs.values()):
+        assert stage_run.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        assert stage_run.info.status == "FINISHED"
+    pretrain_run = runs["pretrain"][0]
+    steps = metric_steps(pretrain_run.info.run_id, "pretrain/loss")
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == TINY.max_steps
+    val = client.get_metric_history(pretrain_run.info.run_id, "pretrain/val_loss")
+    assert [m.step for m in val] == [20, 40]
+    losses = {m.step: m.value for m in client.get_metric_history(pretrain_run.info.run_id, "pretrain/loss")}
+    assert losses[TINY.max_steps] < losses[1]  # it learned something
+    artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
+    assert {"samples.txt", "model_config.json"} <= artifacts
+    assert client.get_latest_versions("pretrain")  # registered
+
+    second = pipeline(ingest, TOKENIZER, TINY)
+    assert second["checkpoint"] == first["checkpoint"]
+    tags = client.get_run(second["mlflow_run_id"]).data.tags
+    for stage in ("ingest", "tokenizer", "pretrain"):
+        assert tags[f"instructflow.reused.{stage}"] == runs[stage][0].info.run_id
+        assert len(stage_runs(stage)) == 1  # nothing recomputed
+
+
+def _kill_worker_after_first_checkpoint(started: float, stop: threading.Event) -> int | None:
+    """Wait until Ray Train has committed a checkpoint of this run, then SIGKILL its worker; returns the pid.
+
+    A checkpoint counts once the controller has written it into its snapshot: a checkpoint directory that
+    exists but is not yet registered would not be restored (and a real crash there loses those steps).
+    """
+    results = state_dir() / "ray_results"
+    while not stop.is_set():
+        fresh = [p for p in results.glob("pretrain-*/checkpoint_manager_snapshot.json") if p.stat().st_mtime > started]
+        workers = [p for p in psutil.process_iter(["cmdline"])  # Ray renames its worker processes
+                   if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+        if fresh and workers:
+            workers[0].kill()
+            return workers[0].pid
+        time.sleep(0.05)
+    return None
+
+
+def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, corpus):
+    from flows.pipeline import pipeline
+
+    ingest = IngestParams(sources=[str(corpus)], min_chars=50)
+    params = TINY.model_copy(update={"max_steps": 800, "checkpoint_every": 25, "eval_every": 500, "max_failures": 0})
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline(ingest, TOKENIZER, params)
+        except BaseException as e:  # the flow must fail: its only worker was killed and no restart is allowed
+            failures.append(e)
+
+    started, stop = time.time(), threading.Event()
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = _kill_worker_after_first_checkpoint(started, stop)
+    thread.join(timeout=600)
+    stop.set()
+    assert killed is not None and failures, "the worker was not killed mid-run"
+
+    result = pipeline(ingest, TOKENIZER, params)  # the re-run: same inputs and config
+    tags = tracking.client().get_run(result["mlflow_run_id"]).data.tags
+    assert "instructflow.reused.ingest" in tags and "instructflow.reused.tokenizer" in tags
+    pretrain_runs = [r for r in stage_runs("pretrain") if r.data.params.get("max_steps") == "800"]
+    assert len(pretrain_runs) == 1  # the failed run was continued, not duplicated
+    run_id = pretrain_runs[0].info.run_id
+    resumed = tracking.client().get_metric_history(run_id, "pretrain/resumed_from")
+    assert resumed and resumed[0].value >= 25  # not from step 0
+    steps = metric_steps(run_id, "pretrain/loss")
+    counts = collections.Counter(steps)
+    assert max(counts.values()) == 1, "a step was logged twice"
+    assert steps[-1] == 800 and steps == sorted(steps)
