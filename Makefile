@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.model
+	$(BIN)/python -m bench.pretrain
 
 clean:
 	rm -rf $(VENV) .instructflow-test

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
 from model.errors import InstructflowError
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task's exception with its traceback; for a user's mistake, the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InstructflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_reporting_errors(entry: Callable[[], object]) -> int:
     """Run `entry`; a mistake the user can fix is printed as `error: ...` with exit status 2."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     try:
         entry()
     except InstructflowError as e:
@@ -25,8 +37,16 @@ def run_reporting_errors(entry: Callable[[], object]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instructflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train the tiny model on real text for about a minute and print samples")
-    demo.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
+    demo = commands.add_parser("demo", help="run the pipeline on embedded defaults with tiny presets")
+    demo.add_argument("--max-steps", type=int, default=600, help="pretraining steps (default 600)")
+    run = commands.add_parser("pipeline", help="ingest -> tokenizer -> pretrain (stages already done are reused)")
+    run.add_argument("--source", action="append", dest="sources", metavar="SPEC",
+                     help="file, directory, glob, URL, hf:NAME or carrier:NAME (repeatable; default carrier:tiny-shakespeare)")
+    run.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe")
+    run.add_argument("--vocab-size", type=int, default=4096)
+    run.add_argument("--preset", default="tiny")
+    run.add_argument("--max-steps", type=int, default=300)
+    run.add_argument("--num-workers", type=int, default=1)
     sample = commands.add_parser("sample", help="continue a prompt with a trained checkpoint")
     sample.add_argument("prompt", help="text to continue")
     sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the demo's)")
@@ -37,10 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from flows.demo import demo as run_demo
 
-        return run_reporting_errors(lambda: run_demo(seconds=args.seconds))
+        return run_reporting_errors(lambda: run_demo(max_steps=args.max_steps))
+    if args.command == "pipeline":
+        return run_reporting_errors(lambda: _pipeline(args))
     if args.command == "sample":
         return run_reporting_errors(lambda: _sample(args))
     return 1
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from flows.pipeline import pipeline
+    from tasks.params import IngestParams, PretrainParams, TokenizerParams
+
+    ingest = IngestParams(sources=args.sources) if args.sources else IngestParams()
+    result = pipeline(ingest, TokenizerParams(kind=args.tokenizer, vocab_size=args.vocab_size),
+                      PretrainParams(preset=args.preset, max_steps=args.max_steps, num_workers=args.num_workers))
+    for name, value in result.items():
+        print(f"{name}: {value}")
 
 
 def _sample(args: argparse.Namespace) -> None:

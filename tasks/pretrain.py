@@ -100,6 +100,7 @@ def worker_loop(job: dict) -> None:
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    torch.set_num_threads(job["cpus_per_worker"])  # Ray pins a worker to 1 thread unless told otherwise
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     runtime = Runtime(device, torch.bfloat16 if bf16 else torch.float32)
@@ -121,6 +122,8 @@ def worker_loop(job: dict) -> None:
         optimizer.load_state_dict(extra["optimizer"])
         state = TrainState(step=extra["step"], tokens_seen=extra["tokens_seen"])
     ddp = ray.train.torch.prepare_model(model)  # DistributedDataParallel when there are several workers
+    if job["compile"]:
+        ddp = torch.compile(ddp)
     metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
     if state.step:
         metrics.mark_resume(state.step)
@@ -163,6 +166,7 @@ def run_pretraining(
     use_gpu: bool | None = None,
     checkpoint_every: int = 100,
     max_failures: int = 1,
+    compile_model: bool = False,
 ) -> Path:
     """Run the TorchTrainer for this key (resuming its latest checkpoint) and copy the final one to output_dir."""
     import ray
@@ -174,15 +178,18 @@ def run_pretraining(
     ensure_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    # CPU workers share the CPUs of the node(s) between them; GPU workers keep Ray's default of one CPU
+    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     job = {
         "model": model_config.to_dict(), "train": dataclasses.asdict(train_config), "vocab_size": vocab_size,
         "train_tokens": str(train_tokens), "val_tokens": str(val_tokens), "run_id": run_id,
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": checkpoint_every, "cpus_per_worker": cpus_per_worker, "compile": compile_model,
     }
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=job,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"pretrain-{key}",
             storage_path=str(state_dir() / "ray_results"),

@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.config import config_for, preset
+from model.errors import InstructflowError
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig
 from tasks import tracking
@@ -110,6 +111,12 @@ def pretrain(tokens_uri: str, params: PretrainParams, parent_run_id: str | None 
         log_every=max(1, min(10, params.eval_every)), seed=params.seed,
         **({"learning_rate": params.learning_rate} if params.learning_rate else {}),
     )
+    for split in ("train", "val"):  # fail here, with the dataset named, rather than inside a Ray worker
+        if summary[split]["tokens"] <= seq_len + 1:
+            raise InstructflowError(
+                f"the {split} split of {tokens_uri} has {summary[split]['tokens']} tokens, fewer than one training "
+                f"window of {seq_len} + 1; ingest more text or lower seq_len/block_size"
+            )
     key = params.fingerprint(tokens_uri)
 
     def build(run_id: str, out: Path) -> Path:
@@ -118,7 +125,7 @@ def pretrain(tokens_uri: str, params: PretrainParams, parent_run_id: str | None 
             train_tokens=tokens_dir / "train.bin", val_tokens=tokens_dir / "val.bin",
             vocab_size=summary["vocab_size"], output_dir=out / "checkpoint", run_id=run_id,
             num_workers=params.num_workers, use_gpu=params.use_gpu, checkpoint_every=params.checkpoint_every,
-            max_failures=params.max_failures,
+            max_failures=params.max_failures, compile_model=params.compile,
         )
         tokenizer_path = tokens_dir / "tokenizer.json"
         samples = sample_texts(checkpoint, Tokenizer.load(tokenizer_path), ["\n", "The "], max_new_tokens=64)

@@ -58,6 +58,20 @@ def encode_in_parallel(tokenizer: Tokenizer, texts: list[str], chunks: int) -> l
     return [t for part in ray.get(futures) for t in part]
 
 
+PARALLEL_ABOVE_CHARS = 20_000_000  # below this, one process (Rust threads) beats shipping text to Ray tasks
+
+
+def _auto_chunks(texts: list[str]) -> int:
+    if sum(map(len, texts)) < PARALLEL_ABOVE_CHARS:
+        return 1
+    import ray
+
+    from tasks.pretrain import ensure_ray
+
+    ensure_ray()
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+
 def tokenize_dataset(dataset_dir: Path, params: TokenizerParams, out_dir: Path) -> Path:
     """Write tokenizer + token shards for an ingested dataset into out_dir; returns the tokens.json path."""
     documents = load_documents(dataset_dir)
@@ -69,10 +83,8 @@ def tokenize_dataset(dataset_dir: Path, params: TokenizerParams, out_dir: Path) 
             texts = documents.loc[documents["split"] == split, "text"].tolist()
             if not texts:
                 raise InstructflowError(f"the ingested dataset has no {split} documents; add text or change val_fraction")
-            if params.parallel_chunks > 1:
-                ids = encode_in_parallel(tokenizer, texts, params.parallel_chunks)
-            else:
-                ids = encode_documents(tokenizer, texts)
+            chunks = params.parallel_chunks or _auto_chunks(texts)
+            ids = encode_in_parallel(tokenizer, texts, chunks) if chunks > 1 else encode_documents(tokenizer, texts)
             write_tokens(ids, staging / f"{split}.bin", tokenizer.vocab_size)
             counts[split] = {"documents": len(texts), "tokens": len(ids), "file": f"{split}.bin"}
         summary = {"tokenizer": "tokenizer.json", "kind": params.kind, "vocab_size": tokenizer.vocab_size, **counts}

@@ -38,3 +38,12 @@ def test_sample_continues_a_prompt(tmp_path):
                      str(tmp_path / "tok.json"), "--max-new-tokens", "5", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("the cat") and len(result.stdout.strip()) > len("the cat")
+
+
+def test_pipeline_with_a_missing_source_fails_with_one_line(tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    result = run_cli("pipeline", "--source", str(missing), tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(missing) in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -136,3 +136,25 @@ def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, 
     counts = collections.Counter(steps)
     assert max(counts.values()) == 1, "a step was logged twice"
     assert steps[-1] == 800 and steps == sorted(steps)
+
+
+def test_corpus_smaller_than_a_window_is_a_clear_error_before_training(prefect_api, tmp_path):
+    from flows.pipeline import pipeline
+    from model.errors import InstructflowError
+
+    for n in range(20):  # twenty short documents: both splits get some, none is long
+        (tmp_path / f"short{n}.txt").write_text(f"Document {n} has only a few words, far too few to train on. ")
+    before = set((state_dir() / "stages").glob("pretrain/*"))
+    with pytest.raises(InstructflowError, match="fewer than one training window"):
+        pipeline(IngestParams(sources=[str(tmp_path)], min_chars=10, val_fraction=0.5), TOKENIZER,
+                 TINY.model_copy(update={"block_size": 256}))
+    assert set((state_dir() / "stages").glob("pretrain/*")) == before  # nothing started, nothing half-written
+
+
+def test_parallel_tokenisation_on_ray_gives_the_same_tokens(prefect_api, tiny_shakespeare):
+    from model.tokenizer import Tokenizer
+    from tasks.tokenize_corpus import encode_documents, encode_in_parallel
+
+    texts = tiny_shakespeare.read_text(encoding="utf-8")[:200_000].split("\n\n")
+    tokenizer = Tokenizer.train(texts, vocab_size=400)
+    assert encode_in_parallel(tokenizer, texts, chunks=3) == encode_documents(tokenizer, texts)
