@@ -75,7 +75,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(prefect_api, corpus):
     assert losses[TINY.max_steps] < losses[1]  # it learned something
     artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
     assert {"samples.txt", "model_config.json"} <= artifacts
-    assert client.get_latest_versions("pretrain")  # registered
+    assert client.search_model_versions("name='pretrain'")  # registered
 
     second = pipeline(ingest, TOKENIZER, TINY)
     assert second["checkpoint"] == first["checkpoint"]
