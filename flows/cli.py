@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-workers", type=int, default=1)
     sample = commands.add_parser("sample", help="continue a prompt with a trained checkpoint")
     sample.add_argument("prompt", help="text to continue")
-    sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the demo's)")
-    sample.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the demo's)")
+    sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the newest pretrained)")
+    sample.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the newest pretrained's)")
     sample.add_argument("--max-new-tokens", type=int, default=100)
     sample.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -81,10 +81,11 @@ def _sample(args: argparse.Namespace) -> None:
 
     from model.tokenizer import Tokenizer
     from tasks.pretrain import sample_texts
-    from tasks.settings import state_dir
+    from tasks.reports import latest_pretrained
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else state_dir() / "demo" / "checkpoint"
-    tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else state_dir() / "demo" / "tokenizer.json")
+    defaults = (None, None) if args.checkpoint and args.tokenizer else latest_pretrained()
+    checkpoint = Path(args.checkpoint or defaults[0])
+    tokenizer = Tokenizer.load(Path(args.tokenizer or defaults[1]))
     print(sample_texts(checkpoint, tokenizer, [args.prompt], args.max_new_tokens, seed=args.seed)[0])
 
 

@@ -43,3 +43,16 @@ def training_summary(pipeline_run_id: str) -> dict:
         "final_val_loss": max(val, key=lambda m: m.step).value if val else float("nan"),
         "samples": samples,
     }
+
+
+def latest_pretrained() -> tuple[Path, Path]:
+    """Checkpoint and tokenizer of the newest finished pretrain stage (what `instructflow sample` uses)."""
+    from model.errors import InstructflowError
+
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = 'pretrain' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=1)
+    if not runs:
+        raise InstructflowError("no pretrained model yet: run `make demo` or `instructflow pipeline` first")
+    tags = runs[0].data.tags
+    return Path(tags[tracking.OUTPUT_TAG]), Path(tags["instructflow.input.tokens"]).parent / "tokenizer.json"

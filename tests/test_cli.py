@@ -47,3 +47,10 @@ def test_pipeline_with_a_missing_source_fails_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(missing) in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_sample_before_any_training_says_what_to_run(tmp_path):
+    result = run_cli("sample", "hello", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no pretrained model yet: run `make demo` or `instructflow pipeline` first")
