@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.config import config_for, preset
@@ -25,15 +24,12 @@ from tasks import tracking
 from tasks.params import IngestParams, PretrainParams, TokenizerParams
 from tasks.settings import stage_dir
 
-log = logging.getLogger("instructflow.stages")
-
-
 def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
                  build: Callable[[str, Path], Path]) -> str:
     """Return the output URI of `stage` for `key`, building it with build(run_id, out_dir) unless cached."""
     previous = tracking.find_stage_run(stage, key)
     if previous is not None and previous.finished and previous.output_uri and Path(previous.output_uri).exists():
-        log.info("%s: inputs and config unchanged, reusing run %s", stage, previous.run_id)
+        get_run_logger().info("%s: inputs and config unchanged, reusing MLflow run %s", stage, previous.run_id)
         if parent_run_id:
             tracking.set_tags(parent_run_id, {f"instructflow.reused.{stage}": previous.run_id})
         return previous.output_uri
