@@ -54,8 +54,8 @@ def _start_local_ray() -> None:
     import ray
 
     _ensure_ray_token()
-    ray.init(_temp_dir=str(ray_temp_dir()), _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
+    ray.init(_temp_dir=str(ray_temp_dir()), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             configure_logging=False)
 
 
 def _start_local_ray_in_keeper_thread() -> None:

@@ -72,6 +72,9 @@ def apply_environment() -> None:
         # a cold ephemeral server takes 12-26 s on 2 cores; Prefect's default of 20 s is too tight
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A local Ray otherwise advertises the machine's network address (it maps 127.0.0.1 to it); with its
+        # multi-node mode off, the one node and its workers talk over loopback. A RAY_ADDRESS cluster is unaffected.
+        **({} if ray_address() else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
         "RAY_AUTH_TOKEN_PATH": state / "ray" / "auth_token",
         "RAY_TMPDIR": state / "ray",
         # Ray Train's controller polls workers every few seconds; each report() would wait that long
