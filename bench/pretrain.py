@@ -52,7 +52,7 @@ def plain_vs_ray(steps: int) -> dict:
     ray_start = time.perf_counter()
     ensure_ray()
     ray_init = time.perf_counter() - ray_start
-    run_id = tracking.start_stage_run("bench-pretrain", f"bench-{time.time_ns()}", {"steps": steps}, None)
+    run_id = tracking.create_stage_run("bench-pretrain", f"bench-{time.time_ns()}", {"steps": steps}, None)
     start = time.perf_counter()
     run_pretraining(key=f"bench-{time.time_ns()}", model_config=config, train_config=cfg, train_tokens=paths["train"],
                     val_tokens=paths["val"], vocab_size=tokenizer.vocab_size, output_dir=work / "ray-checkpoint",

@@ -33,7 +33,10 @@ def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
         if parent_run_id:
             tracking.set_tags(parent_run_id, {f"instructflow.reused.{stage}": previous.run_id})
         return previous.output_uri
-    run_id = tracking.start_stage_run(stage, key, params, parent_run_id)
+    if previous is not None and not previous.finished:
+        run_id = tracking.reopen_stage_run(previous.run_id)
+    else:
+        run_id = tracking.create_stage_run(stage, key, params, parent_run_id)
     try:
         output = build(run_id, stage_dir(stage, key))
     except BaseException:

@@ -64,26 +64,29 @@ def find_stage_run(stage: str, key: str) -> StageRun | None:
     return StageRun(run.info.run_id, run.info.status == "FINISHED", run.data.tags.get(OUTPUT_TAG))
 
 
-def start_stage_run(stage: str, key: str, params: Mapping[str, object], parent_run_id: str | None) -> str:
-    """Open the MLflow run of a stage: the unfinished run of the same key is reopened (its curves continue)."""
-    tracking = client()
-    previous = find_stage_run(stage, key)
-    if previous is not None and not previous.finished:
-        tracking.update_run(previous.run_id, status="RUNNING")
-        return previous.run_id
+def create_stage_run(stage: str, key: str, params: Mapping[str, object], parent_run_id: str | None) -> str:
+    """A new MLflow run for a stage and input+config key, nested under the pipeline run when there is one."""
     tags = {STAGE_TAG: stage, KEY_TAG: key}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
-    run = tracking.create_run(experiment_id(), run_name=stage, tags=tags)
-    flat = flatten(params)
-    tracking.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-    return run.info.run_id
+    return _create_run(stage, tags, params)
+
+
+def reopen_stage_run(run_id: str) -> str:
+    """Mark an unfinished stage run RUNNING again: a re-run continues it, so its curves continue."""
+    client().update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def start_pipeline_run(name: str, params: Mapping[str, object]) -> str:
     """A new parent run for one run of a pipeline flow (never reused: each run of the flow is its own)."""
-    run = client().create_run(experiment_id(), run_name=name, tags={"instructflow.flow": name})
-    client().log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
+    return _create_run(name, {"instructflow.flow": name}, params)
+
+
+def _create_run(name: str, tags: Mapping[str, str], params: Mapping[str, object]) -> str:
+    tracking = client()
+    run = tracking.create_run(experiment_id(), run_name=name, tags=dict(tags))
+    tracking.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
     return run.info.run_id
 
 
