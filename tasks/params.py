@@ -65,3 +65,54 @@ class PretrainParams(Params):
     # Resuming is exact (data order is fixed by the step), so how often a run checkpoints or how often it may
     # restart does not change its result: a re-run with other values continues the same run.
     not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "compile"})
+
+
+class TaskParams(Params):
+    name: str = Field("sentiment", description="built-in task (sentiment, entailment, quartz, mmlu) or a jsonl/parquet file")
+    kind: Literal["classification", "entailment", "similarity", "multiple_choice", "generative"] | None = Field(
+        None, description="for a file: how its rows read (built-in tasks know their kind)")
+    text_fields: list[str] | None = Field(None, description="for a file: the text field(s), in order (default ['text'])")
+    label_field: str = "label"
+    options_field: str = Field("options", description="for multiple_choice files: the list of candidate answers")
+    target_field: str = Field("target", description="for generative files: the expected answer")
+    labels: list[str] | None = Field(None, description="for a file: the class names (default: the labels found)")
+    prompt: str | None = Field(None, description="for a file: the evaluation prompt, {0}/{1} = the text fields")
+    verbalizers: list[str] | None = Field(None, description="for a file: the answer word of each class in a prompt")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when the file has no split column")
+    seed: int = 0
+
+    def load(self):
+        """The task's rows (fetched or read) as a tasks.labelled.LabelledTask."""
+        from tasks.labelled import load_task
+
+        fields = self.model_dump(exclude={"name"})
+        return load_task(self.name, **fields)
+
+
+class FinetuneParams(Params):
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="start from the checkpoint's weights or a random initialisation of the same shape")
+    transfer_layers: int | None = Field(None, ge=0, description="transfer the embeddings and only this many blocks (None: all)")
+    lm_weight: float = Field(0.5, ge=0, description="λ in L3 = L2 + λ·L1 (GPT-1: 0.5; 0 turns the auxiliary LM loss off)")
+    learning_rate: float = Field(6.25e-5, gt=0, description="GPT-1 §4.1")
+    batch_size: int = Field(32, ge=1, description="examples per step (GPT-1 §4.1: 32)")
+    epochs: int = Field(3, ge=1, description="GPT-1 §4.1: 3")
+    warmup_fraction: float = Field(0.002, ge=0, lt=1, description="GPT-1 §4.1: warmup over 0.2% of training")
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the classifier input (GPT-1 §4.1: 0.1)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="the transformer's dropout (None: the checkpoint's)")
+    max_len: int | None = Field(None, ge=8, description="longest input in tokens (None: the model's context); longer ones are truncated")
+    max_train_examples: int | None = Field(None, ge=1, description="use only the first N training rows")
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+
+
+class EvaluateParams(Params):
+    shots: list[int] = Field([0, 1, 4], description="K demonstrations per query; each K is evaluated separately")
+    max_examples: int | None = Field(200, ge=1, description="score only the first N held-out examples of each task")
+    max_new_tokens: int = Field(16, ge=1, description="for generative tasks")
+    seed: int = 0

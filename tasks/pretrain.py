@@ -203,14 +203,14 @@ def run_pretraining(
     if result.checkpoint is None:
         raise RuntimeError("the pretraining job ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        _copy_atomic(Path(directory), output_dir)
+        copy_checkpoint(Path(directory), output_dir)
     return output_dir
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def copy_checkpoint(source: Path, target: Path, names: tuple[str, ...] = ("model.pt", "config.json")) -> None:
     """Copy a checkpoint's weights and config (not its optimiser state); `target` appears complete or not at all."""
     with atomic_directory(target) as staging:
-        for name in ("model.pt", "config.json"):
+        for name in names:
             shutil.copy2(source / name, staging / name)
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from model.config import config_for, preset
+from model.config import GPTConfig, config_for, preset
 from model.errors import InstructflowError
+from model.files import atomic_write
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig
 from tasks import tracking
-from tasks.params import IngestParams, PretrainParams, TokenizerParams
+from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
 from tasks.settings import stage_dir
 
 def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
@@ -139,6 +140,114 @@ def pretrain(tokens_uri: str, params: PretrainParams, parent_run_id: str | None 
 
     params_logged = {**params.model_dump(), "model": model_config.to_dict(), "train": train_config.__dict__}
     return cached_stage("pretrain", key, params_logged, parent_run_id, build)
+
+
+def read_model_config(checkpoint_uri: str) -> GPTConfig:
+    path = Path(checkpoint_uri) / "config.json"
+    if not path.is_file():
+        raise InstructflowError(f"{checkpoint_uri} is not a checkpoint directory (it has no config.json)")
+    return GPTConfig.from_dict(json.loads(path.read_text()))
+
+
+@task(name="finetune", cache_policy=NO_CACHE)
+def finetune(checkpoint_uri: str, tokenizer_uri: str, task_params: TaskParams, params: FinetuneParams,
+             parent_run_id: str | None = None) -> str:
+    """GPT-1 fine-tuning (task head + L3) of a checkpoint as a Ray Train job; returns the fine-tuned checkpoint URI.
+
+    With init="scratch" the checkpoint only gives the architecture (the paper's no-pretraining baseline).
+    """
+    from model.finetune import FinetuneConfig
+    from tasks.finetune import finetune_job, run_finetuning, write_examples
+    from tasks.labelled import finetune_examples
+
+    task = task_params.load()
+    tokenizer = Tokenizer.load(tokenizer_uri)
+    model_config = read_model_config(checkpoint_uri)
+    if params.dropout is not None:
+        model_config = GPTConfig.from_dict({**model_config.to_dict(), "dropout": params.dropout})
+    if params.transfer_layers is not None and params.transfer_layers > model_config.n_layer:
+        raise InstructflowError(f"transfer_layers={params.transfer_layers} but the model has {model_config.n_layer} layers")
+    max_len = min(params.max_len or model_config.block_size, model_config.block_size)
+    train_rows = task.train[:params.max_train_examples] if params.max_train_examples else task.train
+    key = params.fingerprint(checkpoint_uri, tokenizer_uri, task.sha256, task_params.model_dump_json())
+
+    def build(run_id: str, out: Path) -> Path:
+        train = finetune_examples(task, train_rows, tokenizer, max_len)
+        test = finetune_examples(task, task.test, tokenizer, max_len)
+        truncated = sum(ex.truncated for ex in train + test)
+        if truncated:
+            get_run_logger().warning("%s: %d of %d examples were longer than %d tokens and were truncated",
+                                     task.name, truncated, len(train) + len(test), max_len)
+        cfg = FinetuneConfig(learning_rate=params.learning_rate, batch_size=params.batch_size, epochs=params.epochs,
+                             warmup_fraction=params.warmup_fraction, lm_weight=params.lm_weight,
+                             eval_every=params.eval_every, seed=params.seed)
+        n_classes = task.n_classes
+        job = finetune_job(
+            kind=task.kind, labels=list(task.labels), n_classes=n_classes,
+            n_outputs=1 if task.kind == "multiple_choice" else n_classes, model_config=model_config,
+            pretrained=Path(checkpoint_uri), init=params.init,
+            transfer=model_config.n_layer if params.transfer_layers is None else params.transfer_layers,
+            head_dropout=params.head_dropout, cfg=cfg, examples=write_examples(out / "examples.json", train, test),
+            pad=tokenizer.eot_id, run_id=run_id, checkpoint_every=params.checkpoint_every,
+        )
+        checkpoint, final = run_finetuning(key=key, job=job, output_dir=out / "checkpoint",
+                                           num_workers=params.num_workers, use_gpu=params.use_gpu,
+                                           max_failures=params.max_failures)
+        summary = {"task": task.name, "kind": task.kind, "test_accuracy": final["val_accuracy"],
+                   "test_macro_f1": final["val_macro_f1"], "chance": task.chance, "majority": task.majority(),
+                   "train_examples": len(train), "test_examples": len(test), "truncated_examples": truncated,
+                   "steps": final["step"]}
+        atomic_write(out / "metrics.json", json.dumps(summary, indent=2).encode())
+        tracking.log_metrics(run_id, {f"finetune/{k}": v for k, v in summary.items() if not isinstance(v, str)},
+                             step=final["step"])
+        tracking.set_tags(run_id, {"instructflow.input.checkpoint": checkpoint_uri, "instructflow.task": task.name,
+                                   "instructflow.checkpoint": str(checkpoint)})
+        return checkpoint
+
+    params_logged = {**params.model_dump(), "task": task_params.model_dump(), "max_len": max_len}
+    return cached_stage("finetune", key, params_logged, parent_run_id, build)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams], params: EvaluateParams,
+             parent_run_id: str | None = None) -> str:
+    """Zero/one/few-shot evaluation of a checkpoint on natural-language prompts; returns the results.json URI.
+
+    Metrics are logged as `eval/<task>/<score>` with step = K, so MLflow plots each score against K.
+    A (task, K) pair that fails keeps its scored examples; the stage then fails with their count, and a
+    re-run continues where it stopped.
+    """
+    from tasks.evaluate import evaluate_many, write_inputs
+
+    if not tasks:
+        raise InstructflowError("no tasks to evaluate: give at least one task")
+    loaded = [t.load() for t in tasks]
+    if len({t.name for t in loaded}) != len(loaded):
+        raise InstructflowError(f"task names repeat in {[t.name for t in loaded]}; each task needs its own name")
+    read_model_config(checkpoint_uri)
+    key = params.fingerprint(checkpoint_uri, tokenizer_uri, *[t.sha256 for t in loaded])
+
+    def build(run_id: str, out: Path) -> Path:
+        inputs = {t.name: write_inputs(out / "inputs" / f"{t.name}.json", t, params.max_examples) for t in loaded}
+        results = evaluate_many(Path(checkpoint_uri), Path(tokenizer_uri), inputs, sorted(set(params.shots)), out,
+                                params.seed)
+        path = atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+        for pair, summary in results.items():
+            name, k = pair.split("/k")
+            values = {f"eval/{name}/{m}": v for m, v in summary.items() if isinstance(v, (int, float)) and m != "partial"}
+            tracking.log_metrics(run_id, values, step=int(k))
+        tracking.client().log_artifact(run_id, str(path))
+        tracking.set_tags(run_id, {"instructflow.input.checkpoint": checkpoint_uri})
+        partial = {pair: r for pair, r in results.items() if r["partial"]}
+        if partial:
+            tracking.set_tags(run_id, {"instructflow.partial": "true"})
+            details = "; ".join(f"{pair}: {int(r.get('examples', 0))} scored, then {r['error']}" for pair, r in partial.items())
+            raise InstructflowError(f"evaluation incomplete ({details}). The scored examples are kept in "
+                                    f"{out / 'records'} and results.json is marked partial; re-run to continue")
+        return path
+
+    params_logged = {**params.model_dump(), "tasks": [t.model_dump() for t in tasks]}
+    return cached_stage("evaluate", key, params_logged, parent_run_id, build)
 
 
 @contextmanager

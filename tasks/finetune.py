@@ -1,0 +1,143 @@
+"""GPT-1 fine-tuning as a Ray Train job: model/finetune.py's loop in each worker, checkpoints through Ray.
+
+The driver encodes the task once (GPT-1's input transformations) into `examples.json` next to the stage's
+output, so workers read a URI rather than refetching data; the worker builds the GPT (pretrained weights,
+some of their layers, or a random initialisation), adds the task head, trains with L3 and reports a
+checkpoint every N steps and at the end. A new run with the same key resumes from Ray's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.config import GPTConfig
+from model.errors import InstructflowError
+from model.files import atomic_write
+from model.finetune import (Example, FinetuneConfig, FinetuneState, TaskModel, load_task_model, make_optimizer,
+                            save_task_model, transfer_layers)
+from model.finetune import finetune as finetune_loop
+from model.gpt import GPT
+from tasks.runtime import Runtime
+from tasks.settings import state_dir
+
+METRIC_PREFIX = "finetune/"
+
+
+def write_examples(path: Path, train: list[Example], test: list[Example]) -> Path:
+    payload = {split: [[ex.sequences, ex.label] for ex in examples] for split, examples in (("train", train), ("test", test))}
+    return atomic_write(path, json.dumps(payload).encode())
+
+
+def read_examples(path: str | Path) -> tuple[list[Example], list[Example]]:
+    payload = json.loads(Path(path).read_text())
+    return tuple([Example(seqs, label) for seqs, label in payload[split]] for split in ("train", "test"))
+
+
+def worker_loop(job: dict) -> None:
+    """One Ray Train worker: build or restore the task model, fine-tune, report checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from tasks.tracking import MetricBuffer, NullMetricBuffer
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(job["cpus_per_worker"])
+    device = ray.train.torch.get_device()
+    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    cfg = FinetuneConfig(**job["finetune"])
+    train_examples, test_examples = read_examples(job["examples"])
+
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(GPTConfig.from_dict(job["model"]))
+    if job["init"] == "pretrained":
+        pretrained, _ = load_checkpoint(job["pretrained"])
+        transfer_layers(pretrained, gpt, job["transfer_layers"])
+    model = TaskModel(gpt, job["kind"], job["n_outputs"], job["head_dropout"]).to(device)
+    optimizer = make_optimizer(model, cfg)
+    state = FinetuneState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restored, _, extra = load_task_model(directory, device=device)
+        model.load_state_dict(restored.state_dict())
+        optimizer.load_state_dict(extra["optimizer"])
+        state = FinetuneState(step=extra["step"])
+    ddp = ray.train.torch.prepare_model(model)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    if state.step:
+        metrics.mark_resume(state.step)
+    total = -(-len(train_examples) // cfg.batch_size) * cfg.epochs
+
+    def report(state: FinetuneState) -> None:
+        if state.step % job["checkpoint_every"] and state.step != total:
+            return
+        last = state.history[-1] if state.history else {}
+        summary = {"step": state.step, **{k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}}
+        with tempfile.TemporaryDirectory() as staging:
+            saved = None
+            if rank == 0:
+                extra = {"optimizer": optimizer.state_dict(), "step": state.step}
+                save_task_model(model, Path(staging) / "checkpoint", job["labels"], extra=extra)
+                saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
+            ray.train.report(summary, checkpoint=saved)
+        metrics.flush()
+
+    with runtime.autocast_factory():
+        finetune_loop(ddp, train_examples, test_examples, cfg, pad=job["pad"], n_classes=job["n_classes"],
+                      log=metrics.add, state=state, optimizer=optimizer, on_step_end=report, rank=rank,
+                      world_size=world)
+
+
+def run_finetuning(*, key: str, job: dict, output_dir: Path, num_workers: int = 1, use_gpu: bool | None = None,
+                   max_failures: int = 1) -> tuple[Path, dict]:
+    """Run the fine-tuning TorchTrainer for `key`; returns (checkpoint dir, the final reported metrics)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tasks.pretrain import copy_checkpoint, ensure_ray
+
+    ensure_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+    job = {**job, "cpus_per_worker": cpus_per_worker}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"finetune-{key}", storage_path=str(state_dir() / "ray_results"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("the fine-tuning job ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        copy_checkpoint(Path(directory), output_dir, names=("model.pt", "config.json", "task.json"))
+    return output_dir, dict(result.metrics or {})
+
+
+def finetune_job(*, kind: str, labels: list[str], n_classes: int, n_outputs: int, model_config: GPTConfig,
+                 pretrained: Path, init: str, transfer: int, head_dropout: float, cfg: FinetuneConfig,
+                 examples: Path, pad: int, run_id: str | None, checkpoint_every: int) -> dict:
+    if init not in ("pretrained", "scratch"):
+        raise InstructflowError(f"init must be 'pretrained' or 'scratch', got {init!r}")
+    return {
+        "kind": kind, "labels": labels, "n_classes": n_classes, "n_outputs": n_outputs,
+        "model": model_config.to_dict(), "pretrained": str(pretrained), "init": init, "transfer_layers": transfer,
+        "head_dropout": head_dropout, "finetune": dataclasses.asdict(cfg), "examples": str(examples), "pad": pad,
+        "run_id": run_id, "checkpoint_every": checkpoint_every,
+    }
