@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install install-labelstudio test demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Label Studio's server needs its own venv (.venv-labelstudio): it cannot share the pipeline's dependencies.
+install-labelstudio:
+	PYTHON=$(PYTHON) infra/labelstudio/install.sh
+
+test: $(STAMP) install-labelstudio
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
@@ -29,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pretrain
 
 clean:
-	rm -rf $(VENV) .instructflow-test
+	rm -rf $(VENV) .venv-labelstudio .instructflow-test
