@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.params import IngestParams, PretrainParams, TokenizerParams
-from tasks.stages import ingest, pretrain, tokenize
+from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
+from tasks.stages import evaluate, finetune, ingest, pretrain, tokenize
 
 
 @flow(name="ingest", log_prints=True)
@@ -24,3 +24,17 @@ def tokenizer_flow(dataset_uri: str, params: TokenizerParams = TokenizerParams()
 def pretrain_flow(tokens_uri: str, params: PretrainParams = PretrainParams()) -> str:
     """Pretrain a GPT on tokenised shards with Ray Train; returns the checkpoint URI."""
     return pretrain(tokens_uri, params)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow(checkpoint_uri: str, tokenizer_uri: str, task: TaskParams = TaskParams(),
+                  params: FinetuneParams = FinetuneParams()) -> str:
+    """GPT-1 fine-tuning of a pretrained checkpoint on a labelled task (Ray Train); returns the checkpoint URI."""
+    return finetune(checkpoint_uri, tokenizer_uri, task, params)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams] = [TaskParams()],  # noqa: B006
+                  params: EvaluateParams = EvaluateParams()) -> str:
+    """Zero/one/few-shot evaluation of a checkpoint, no gradient updates; returns the results.json URI."""
+    return evaluate(checkpoint_uri, tokenizer_uri, tasks, params)

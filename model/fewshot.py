@@ -73,11 +73,16 @@ def draw_shots(pool_size: int, k: int, seed: int, index: int) -> list[int]:
 
 def max_shots(encode: Callable[[str], list[int]], pool: Sequence[EvalExample], queries: Sequence[EvalExample],
               context_len: int, separator: str = "\n\n", max_answer_tokens: int = 0) -> int:
-    """How many demonstrations of typical (median) length fit beside the longest query and its longest answer."""
+    """How many demonstrations of typical (median) length fit beside a typical query and its longest answer.
+
+    Typical, not worst case: one very long query should not cap K for all the others (a query whose draw
+    does not fit gets fewer demonstrations, and the mean K actually used is reported).
+    """
     sep = len(encode(separator))
     shot = float(np.median([len(encode(demonstration(s))) + sep for s in pool]))
-    longest = max(len(encode(q.context)) + max([len(encode(o)) for o in q.options] or [max_answer_tokens]) for q in queries)
-    return max(0, int((context_len - longest) // shot))
+    query = float(np.median([len(encode(q.context)) + max([len(encode(o)) for o in q.options] or [max_answer_tokens])
+                             for q in queries]))
+    return max(0, int((context_len - query) // shot))
 
 
 def fit_prompt(encode: Callable[[str], list[int]], shots: Sequence[EvalExample], query: EvalExample, budget: int,

@@ -293,7 +293,7 @@ def finetune(
     total = per_epoch * cfg.epochs
     gold = np.array([ex.label for ex in val_examples])
     model.train()
-    window = time.perf_counter()
+    window, logged_step = time.perf_counter(), state.step
     while state.step < total:
         epoch, position = divmod(state.step, per_epoch)
         order = epoch_order(len(train_examples), epoch, cfg.seed)
@@ -312,15 +312,16 @@ def finetune(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         last = state.step == total
-        if state.step % cfg.log_every == 0 or state.step == 1 or last:
+        scoring = state.step % cfg.eval_every == 0 or last
+        if state.step % cfg.log_every == 0 or state.step == 1 or scoring:
             metrics = {**parts, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
-                       "steps_per_s": (cfg.log_every if state.step > 1 else 1) / (time.perf_counter() - window)}
-            if state.step % cfg.eval_every == 0 or last:
+                       "steps_per_s": (state.step - logged_step) / (time.perf_counter() - window)}
+            if scoring:
                 scored = classification_metrics(predict(core, val_examples, pad), gold, n_classes)
                 metrics.update({f"val_{k}": v for k, v in scored.items()})
             state.history.append({"step": state.step, **metrics})
             log(metrics, state.step)
-            window = time.perf_counter()
+            window, logged_step = time.perf_counter(), state.step
         if on_step_end is not None:
             on_step_end(state)
     return state

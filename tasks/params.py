@@ -60,6 +60,7 @@ class PretrainParams(Params):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before failing")
     compile: bool = Field(False, description="torch.compile the model (pays back only over thousands of steps)")
+    snapshots: bool = Field(False, description="keep every checkpoint (each checkpoint_every steps) as a snapshot, for curves over pretraining")
     seed: int = 1337
 
     # Resuming is exact (data order is fixed by the step), so how often a run checkpoints or how often it may

@@ -167,8 +167,13 @@ def run_pretraining(
     checkpoint_every: int = 100,
     max_failures: int = 1,
     compile_model: bool = False,
+    snapshots_dir: Path | None = None,
 ) -> Path:
-    """Run the TorchTrainer for this key (resuming its latest checkpoint) and copy the final one to output_dir."""
+    """Run the TorchTrainer for this key (resuming its latest checkpoint) and copy the final one to output_dir.
+
+    With `snapshots_dir`, every reported checkpoint is kept and copied to `snapshots_dir/step-NNNNNN`
+    (for curves over pretraining, e.g. GPT-1's zero-shot behaviour as pretraining goes on).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -193,7 +198,7 @@ def run_pretraining(
         run_config=ray.train.RunConfig(
             name=f"pretrain-{key}",
             storage_path=str(state_dir() / "ray_results"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None if snapshots_dir else 2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
@@ -202,6 +207,9 @@ def run_pretraining(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("the pretraining job ended without a checkpoint")
+    for snapshot, metrics in (result.best_checkpoints or []) if snapshots_dir else []:
+        with snapshot.as_directory() as directory:
+            copy_checkpoint(Path(directory), snapshots_dir / f"step-{metrics['step']:06d}")
     with result.checkpoint.as_directory() as directory:
         copy_checkpoint(Path(directory), output_dir)
     return output_dir

@@ -43,6 +43,12 @@ def corpus(tiny_shakespeare: Path, tmp_path_factory) -> Path:
     return folder
 
 
+def corpus_ingest(corpus: Path) -> IngestParams:
+    # Splits follow a hash of each document's source path, and the corpus sits in a fresh temp dir each
+    # session: with ~30 documents, a 30% share makes an empty split (0.7**30, about 2e-5) practically impossible.
+    return IngestParams(sources=[str(corpus)], min_chars=50, val_fraction=0.3)
+
+
 def stage_runs(stage: str):
     return tracking.client().search_runs([tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = '{stage}'")
 
@@ -54,7 +60,7 @@ def metric_steps(run_id: str, key: str) -> list[int]:
 def test_pipeline_runs_every_stage_then_reuses_them(prefect_api, corpus):
     from flows.pipeline import pipeline
 
-    ingest = IngestParams(sources=[str(corpus)], min_chars=50)
+    ingest = corpus_ingest(corpus)
     first = pipeline(ingest, TOKENIZER, TINY)
     assert Path(first["checkpoint"], "model.pt").is_file()
 
@@ -106,7 +112,7 @@ def _kill_worker_after_first_checkpoint(started: float, stop: threading.Event) -
 def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, corpus):
     from flows.pipeline import pipeline
 
-    ingest = IngestParams(sources=[str(corpus)], min_chars=50)
+    ingest = corpus_ingest(corpus)
     params = TINY.model_copy(update={"max_steps": 800, "checkpoint_every": 25, "eval_every": 500, "max_failures": 0})
     failures: list[BaseException] = []
 
@@ -158,3 +164,48 @@ def test_parallel_tokenisation_on_ray_gives_the_same_tokens(prefect_api, tiny_sh
     texts = tiny_shakespeare.read_text(encoding="utf-8")[:200_000].split("\n\n")
     tokenizer = Tokenizer.train(texts, vocab_size=400)
     assert encode_in_parallel(tokenizer, texts, chunks=3) == encode_documents(tokenizer, texts)
+
+
+def test_finetune_and_evaluate_stages_after_pretraining(prefect_api, corpus, tmp_path):
+    """GPT-1 fine-tuning on the real sentiment set (a slice) and zero/one-shot evaluation, through the pipeline."""
+    import json
+
+    from flows.pipeline import pipeline
+    from model.errors import InstructflowError
+    from tasks.params import EvaluateParams, FinetuneParams, TaskParams
+
+    choice = tmp_path / "choice.jsonl"  # a user's own multiple-choice file
+    choice.write_text("".join(json.dumps({"question": f"Which is {w}?", "options": [w, "none"], "label": 0}) + "\n"
+                              for w in ["red", "blue", "green", "gold", "grey", "pink", "teal", "navy"] * 3))
+    tasks = [TaskParams(name="sentiment"), TaskParams(name=str(choice), kind="multiple_choice",
+                                                      text_fields=["question"], test_fraction=0.3)]
+    finetune = FinetuneParams(max_train_examples=64, epochs=1, batch_size=16, learning_rate=1e-3, eval_every=2)
+    ingest = corpus_ingest(corpus)
+    result = pipeline(ingest, TOKENIZER, TINY, finetune_tasks=tasks[:1], finetune_params=finetune,
+                      evaluate_tasks=tasks[1:], evaluate_params=EvaluateParams(shots=[0, 1], max_examples=10))
+
+    client = tracking.client()
+    (run,) = stage_runs("finetune")
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.PARENT_TAG] == result["mlflow_run_id"]
+    metrics = run.data.metrics
+    assert 0 <= metrics["finetune/test_accuracy"] <= 1 and metrics["finetune/chance"] == 0.5
+    assert metrics["finetune/train_examples"] == 64 and metrics["finetune/steps"] == 4
+    assert metric_steps(run.info.run_id, "finetune/val_accuracy") == [2, 4]
+    assert Path(result["finetuned"]["sentiment"], "task.json").is_file()
+
+    (evaluation,) = stage_runs("evaluate")
+    results = json.loads(Path(result["evaluation"]).read_text())
+    assert set(results) == {"choice/k0", "choice/k1"} and not any(r["partial"] for r in results.values())
+    assert results["choice/k0"]["examples"] >= 1 and results["choice/k1"]["mean_k"] == 1
+    assert results["choice/k0"]["chance"] == 0.5
+    accuracy = client.get_metric_history(evaluation.info.run_id, "eval/choice/accuracy_mean")
+    assert sorted(m.step for m in accuracy) == [0, 1]  # plotted against K
+
+    # K that cannot fit the 64-token context: those pairs fail with a clear message, the others finish and stay
+    with pytest.raises(InstructflowError, match=r"evaluation incomplete \(sentiment/k40: 0 scored, then K=40"):
+        pipeline(ingest, TOKENIZER, TINY, evaluate_tasks=tasks,
+                 evaluate_params=EvaluateParams(shots=[0, 40], max_examples=5))
+    partial = [r for r in stage_runs("evaluate") if r.data.tags.get("instructflow.partial") == "true"]
+    assert len(partial) == 1 and partial[0].info.status == "FAILED"
+    (records,) = [p.parent for p in (state_dir() / "stages" / "evaluate").glob("*/records/sentiment-k40.jsonl")]
+    assert len((records / "sentiment-k0.jsonl").read_text().splitlines()) == 5  # the finished pair is kept
