@@ -53,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the newest pretrained's)")
     sample.add_argument("--max-new-tokens", type=int, default=100)
     sample.add_argument("--seed", type=int, default=0)
+    compare = commands.add_parser("compare", help="GPT-1 fine-tuning comparisons and GPT-2/3 zero/few-shot curves")
+    compare.add_argument("--source", action="append", dest="sources", metavar="SPEC",
+                         help="pretraining text (repeatable; default carrier:owt)")
+    compare.add_argument("--max-steps", type=int, default=1500, help="pretraining steps (default 1500)")
+    compare.add_argument("--task", default="sentiment", help="fine-tuning task: built-in name or a jsonl/parquet file")
+    compare.add_argument("--train-examples", type=int, default=2000, help="fine-tuning rows used (default 2000)")
+    compare.add_argument("--epochs", type=int, default=2)
+    compare.add_argument("--learning-rate", type=float, default=5e-4,
+                         help="fine-tuning peak LR (default 5e-4; GPT-1's 6.25e-5 is for a 117M model)")
+    compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
+    compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
+    compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from flows.demo import demo as run_demo
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_reporting_errors(lambda: _pipeline(args))
     if args.command == "sample":
         return run_reporting_errors(lambda: _sample(args))
+    if args.command == "compare":
+        return run_reporting_errors(lambda: _compare(args))
     return 1
 
 
@@ -74,6 +88,26 @@ def _pipeline(args: argparse.Namespace) -> None:
                       PretrainParams(preset=args.preset, max_steps=args.max_steps, num_workers=args.num_workers))
     for name, value in result.items():
         print(f"{name}: {value}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from flows.compare import compare
+    from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams
+
+    try:
+        shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+        raise InstructflowError(f"--shots takes comma-separated integers, e.g. 0,1,4 (got {args.shots!r})") from None
+    report = compare(
+        IngestParams(sources=args.sources or ["carrier:owt"]),
+        pretrain_params=PretrainParams(preset="tiny", max_steps=args.max_steps, batch_size=8, seq_len=128,
+                                       eval_every=250, checkpoint_every=max(1, args.max_steps // 6)),
+        finetune_task=TaskParams(name=args.task),
+        finetune_params=FinetuneParams(max_train_examples=args.train_examples, epochs=args.epochs,
+                                       learning_rate=args.learning_rate, max_len=args.max_len),
+        evaluate_params=EvaluateParams(shots=shots, max_examples=args.eval_examples),
+    )
+    print(f"report: {report}")
 
 
 def _sample(args: argparse.Namespace) -> None:

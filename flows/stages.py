@@ -27,14 +27,14 @@ def pretrain_flow(tokens_uri: str, params: PretrainParams = PretrainParams()) ->
 
 
 @flow(name="finetune", log_prints=True)
-def finetune_flow(checkpoint_uri: str, tokenizer_uri: str, task: TaskParams = TaskParams(),
+def finetune_flow(checkpoint_uri: str, tokenizer_uri: str | None = None, task: TaskParams = TaskParams(),
                   params: FinetuneParams = FinetuneParams()) -> str:
-    """GPT-1 fine-tuning of a pretrained checkpoint on a labelled task (Ray Train); returns the checkpoint URI."""
+    """GPT-1 fine-tuning of a checkpoint dir or registered model (models:/pretrain@alias) on a labelled task (Ray Train)."""
     return finetune(checkpoint_uri, tokenizer_uri, task, params)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams] = [TaskParams()],  # noqa: B006
+def evaluate_flow(checkpoint_uri: str, tokenizer_uri: str | None = None, tasks: list[TaskParams] = [TaskParams()],  # noqa: B006
                   params: EvaluateParams = EvaluateParams()) -> str:
-    """Zero/one/few-shot evaluation of a checkpoint, no gradient updates; returns the results.json URI."""
+    """Zero/one/few-shot evaluation of a checkpoint dir or registered model, no gradient updates; returns results.json's URI."""
     return evaluate(checkpoint_uri, tokenizer_uri, tasks, params)

@@ -117,3 +117,66 @@ class EvaluateParams(Params):
     max_examples: int | None = Field(200, ge=1, description="score only the first N held-out examples of each task")
     max_new_tokens: int = Field(16, ge=1, description="for generative tasks")
     seed: int = 0
+
+
+class DemonstrationParams(Params):
+    source: str = Field("verifiable", description="'verifiable' (the built-in generated instruction tasks) or a jsonl/parquet file of prompt/response rows")
+    n_train: int = Field(600, ge=1, description="for 'verifiable': training demonstrations")
+    n_test: int = Field(60, ge=1, description="for 'verifiable': held-out demonstrations (validation loss)")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="for a file without a split column")
+    seed: int = 0
+
+    def load(self):
+        """The demonstrations as a tasks.demonstrations.DemonstrationSet."""
+        from tasks.demonstrations import load_demonstrations, verifiable_demonstrations
+
+        if self.source == "verifiable":
+            return verifiable_demonstrations(self.n_train, self.n_test, self.seed)
+        return load_demonstrations(self.source, test_fraction=self.test_fraction, seed=self.seed)
+
+
+class SFTParams(Params):
+    learning_rate: float = Field(9.65e-6, gt=0, description="InstructGPT C.1 (1.3B/6B); tiny models want ~1e-3")
+    batch_size: int = Field(32, ge=1, description="packed rows per step (InstructGPT C.1: 32)")
+    seq_len: int | None = Field(None, ge=2, description="tokens per packed row (None: the model's context)")
+    epochs: int = Field(2, ge=1, description="InstructGPT trains 16; small sets overfit sooner")
+    residual_dropout: float | None = Field(0.2, ge=0, lt=1, description="InstructGPT C.1: 0.2")
+    eval_every: int = Field(25, ge=1, description="steps between validation losses (the best one is kept)")
+    checkpoint_every: int = Field(100, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+
+
+class SampleParams(Params):
+    prompts: str = Field("verifiable", description="'verifiable' (held-out built-in prompts) or a jsonl/parquet file with a prompt field")
+    n_prompts: int = Field(16, ge=1, description="how many prompts (the first N)")
+    k: int = Field(4, ge=2, le=9, description="responses per prompt (InstructGPT ranked 4 to 9)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    seed: int = 0
+
+    def load_prompts(self) -> list[str]:
+        from pathlib import Path
+
+        import pandas as pd
+
+        from model.errors import InstructflowError
+        from tasks.demonstrations import held_out_prompts
+
+        if self.prompts == "verifiable":
+            return held_out_prompts(self.n_prompts, self.seed)
+        path = Path(self.prompts)
+        if not path.is_file():
+            raise InstructflowError(f"prompts file {path} does not exist; give a jsonl/parquet file with a 'prompt' field")
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+        if "prompt" not in frame.columns:
+            raise InstructflowError(f"prompts file {path} has no 'prompt' field; its fields are {list(frame.columns)}")
+        prompts = [p for p in frame["prompt"].tolist() if isinstance(p, str) and p.strip()]
+        if not prompts:
+            raise InstructflowError(f"prompts file {path} has no non-empty prompts")
+        return list(dict.fromkeys(prompts))[:self.n_prompts]

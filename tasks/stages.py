@@ -22,7 +22,8 @@ from model.files import atomic_write
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig
 from tasks import tracking
-from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
+from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
+                          SampleParams, SFTParams, TaskParams, TokenizerParams)
 from tasks.settings import stage_dir
 
 def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
@@ -143,6 +144,16 @@ def pretrain(tokens_uri: str, params: PretrainParams, parent_run_id: str | None 
     return cached_stage("pretrain", key, params_logged, parent_run_id, build)
 
 
+def resolve_model(checkpoint_uri: str, tokenizer_uri: str | None) -> tuple[str, str]:
+    """A checkpoint directory + tokenizer file, or a registered model (models:/NAME/VERSION, models:/NAME@ALIAS)."""
+    if checkpoint_uri.startswith("models:/"):
+        checkpoint, tokenizer = tracking.registered_checkpoint(checkpoint_uri)
+        return str(checkpoint), tokenizer_uri or str(tokenizer)
+    if not tokenizer_uri:
+        raise InstructflowError(f"give the tokenizer file that goes with {checkpoint_uri} (its tokenizer.json)")
+    return checkpoint_uri, tokenizer_uri
+
+
 def read_model_config(checkpoint_uri: str) -> GPTConfig:
     path = Path(checkpoint_uri) / "config.json"
     if not path.is_file():
@@ -151,15 +162,18 @@ def read_model_config(checkpoint_uri: str) -> GPTConfig:
 
 
 @task(name="finetune", cache_policy=NO_CACHE)
-def finetune(checkpoint_uri: str, tokenizer_uri: str, task_params: TaskParams, params: FinetuneParams,
+def finetune(checkpoint_uri: str, tokenizer_uri: str | None, task_params: TaskParams, params: FinetuneParams,
              parent_run_id: str | None = None) -> str:
     """GPT-1 fine-tuning (task head + L3) of a checkpoint as a Ray Train job; returns the fine-tuned checkpoint URI.
 
+    The checkpoint is a directory or a registered model (then the tokenizer may be None: the model's own).
     With init="scratch" the checkpoint only gives the architecture (the paper's no-pretraining baseline).
     """
     from model.finetune import FinetuneConfig
     from tasks.finetune import finetune_job, run_finetuning, write_examples
     from tasks.labelled import finetune_examples
+
+    checkpoint_uri, tokenizer_uri = resolve_model(checkpoint_uri, tokenizer_uri)
 
     task = task_params.load()
     tokenizer = Tokenizer.load(tokenizer_uri)
@@ -210,7 +224,7 @@ def finetune(checkpoint_uri: str, tokenizer_uri: str, task_params: TaskParams, p
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams], params: EvaluateParams,
+def evaluate(checkpoint_uri: str, tokenizer_uri: str | None, tasks: list[TaskParams], params: EvaluateParams,
              parent_run_id: str | None = None) -> str:
     """Zero/one/few-shot evaluation of a checkpoint on natural-language prompts; returns the results.json URI.
 
@@ -222,6 +236,7 @@ def evaluate(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams], p
 
     if not tasks:
         raise InstructflowError("no tasks to evaluate: give at least one task")
+    checkpoint_uri, tokenizer_uri = resolve_model(checkpoint_uri, tokenizer_uri)
     loaded = [t.load() for t in tasks]
     if len({t.name for t in loaded}) != len(loaded):
         raise InstructflowError(f"task names repeat in {[t.name for t in loaded]}; each task needs its own name")
@@ -249,6 +264,88 @@ def evaluate(checkpoint_uri: str, tokenizer_uri: str, tasks: list[TaskParams], p
 
     params_logged = {**params.model_dump(), "tasks": [t.model_dump() for t in tasks]}
     return cached_stage("evaluate", key, params_logged, parent_run_id, build)
+
+
+@task(name="sft", cache_policy=NO_CACHE)
+def sft(checkpoint_uri: str, tokenizer_uri: str | None, demonstrations: DemonstrationParams, params: SFTParams,
+        parent_run_id: str | None = None) -> str:
+    """InstructGPT step 1: supervised fine-tuning on prompt -> demonstration pairs (Ray Train); returns the checkpoint URI.
+
+    The checkpoint kept is the one with the lowest validation loss on held-out demonstrations; it is registered
+    in MLflow as `sft`.
+    """
+    from model.sft import EpochPlan, SFTConfig, render
+    from tasks.sft import run_sft, sft_job, write_rendered
+
+    checkpoint_uri, tokenizer_uri = resolve_model(checkpoint_uri, tokenizer_uri)
+    data = demonstrations.load()
+    tokenizer = Tokenizer.load(tokenizer_uri)
+    model_config = read_model_config(checkpoint_uri)
+    seq_len = params.seq_len or model_config.block_size
+    if seq_len > model_config.block_size:
+        raise InstructflowError(f"seq_len={seq_len} is longer than the model's context of {model_config.block_size}")
+    cfg = SFTConfig(learning_rate=params.learning_rate, batch_size=params.batch_size, seq_len=seq_len,
+                    epochs=params.epochs, residual_dropout=params.residual_dropout, eval_every=params.eval_every,
+                    seed=params.seed)
+    key = params.fingerprint(checkpoint_uri, tokenizer_uri, data.sha256)
+
+    def build(run_id: str, out: Path) -> Path:
+        train = [render(tokenizer, d.prompt, d.response) for d in data.train]
+        test = [render(tokenizer, d.prompt, d.response) for d in data.test]
+        plan = EpochPlan(train, cfg, tokenizer.eot_id)
+        if plan.truncated:
+            get_run_logger().warning("sft: %d of %d demonstrations were longer than %d tokens; their responses were cut",
+                                     plan.truncated, len(train), seq_len)
+        job = sft_job(pretrained=Path(checkpoint_uri), cfg=cfg, rendered=write_rendered(out / "rendered.json", train, test),
+                      best_dir=out / "best", pad=tokenizer.eot_id, run_id=run_id,
+                      checkpoint_every=params.checkpoint_every, total_steps=plan.total_steps)
+        checkpoint, final = run_sft(key=key, job=job, output_dir=out / "checkpoint", num_workers=params.num_workers,
+                                    use_gpu=params.use_gpu, max_failures=params.max_failures)
+        summary = {"best_step": final["best_step"], "best_val_loss": final["best_val_loss"],
+                   "train_demonstrations": len(train), "test_demonstrations": len(test), "truncated": plan.truncated,
+                   "steps": plan.total_steps}
+        atomic_write(out / "metrics.json", json.dumps(summary, indent=2).encode())
+        tracking.log_metrics(run_id, {f"sft/{k}": v for k, v in summary.items()}, step=plan.total_steps)
+        version = tracking.register_text_model(run_id, "sft", checkpoint, Path(tokenizer_uri))
+        tracking.set_tags(run_id, {"instructflow.input.checkpoint": checkpoint_uri, "instructflow.tokenizer": tokenizer_uri,
+                                   "instructflow.demonstrations": data.source or data.name,
+                                   "instructflow.registered": f"models:/sft/{version}"})
+        return checkpoint
+
+    params_logged = {**params.model_dump(), "demonstrations": demonstrations.model_dump(), "seq_len": seq_len}
+    return cached_stage("sft", key, params_logged, parent_run_id, build)
+
+
+@task(name="sample", cache_policy=NO_CACHE)
+def sample(policy_uri: str, tokenizer_uri: str | None, params: SampleParams, parent_run_id: str | None = None) -> str:
+    """K responses per prompt from a policy (checkpoint dir or registered model), on Ray; returns samples.parquet's URI."""
+    import pandas as pd
+
+    from tasks.sampling import sample_responses
+
+    policy_uri_given = policy_uri
+    policy_uri, tokenizer_uri = resolve_model(policy_uri, tokenizer_uri)
+    prompts = params.load_prompts()
+    key = params.fingerprint(policy_uri, tokenizer_uri, hashlib.sha256("\x00".join(prompts).encode()).hexdigest())
+
+    def build(run_id: str, out: Path) -> Path:
+        rows, duplicates = sample_responses(policy_uri, tokenizer_uri, prompts, params.k, seed=params.seed,
+                                            temperature=params.temperature, top_p=params.top_p,
+                                            max_new_tokens=params.max_new_tokens)
+        frame = pd.DataFrame(rows).assign(policy=policy_uri_given, run_id=run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / ".samples.parquet.tmp"
+        frame.to_parquet(staging, index=False)
+        staging.replace(out / "samples.parquet")
+        per_prompt = frame.groupby("prompt").size()
+        tracking.log_metrics(run_id, {"sample/prompts": len(prompts), "sample/responses": len(frame),
+                                      "sample/duplicates_dropped": duplicates,
+                                      "sample/min_responses_per_prompt": int(per_prompt.min())}, step=0)
+        tracking.client().log_artifact(run_id, str(out / "samples.parquet"))
+        tracking.set_tags(run_id, {"instructflow.input.policy": policy_uri_given})
+        return out / "samples.parquet"
+
+    return cached_stage("sample", key, {**params.model_dump(), "policy": policy_uri_given}, parent_run_id, build)
 
 
 @contextmanager

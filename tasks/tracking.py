@@ -145,7 +145,7 @@ class MetricBuffer:
     def __init__(self, run_id: str, prefix: str, watch: str = "loss") -> None:
         self.run_id, self.prefix = run_id, prefix
         history = client().get_metric_history(run_id, f"{prefix}{watch}")
-        self.logged_through = max((m.step for m in history), default=0)
+        self.logged_through = max((m.step for m in history), default=-1)  # -1: step 0 (a baseline) is new too
         self.pending: list[tuple[dict, int]] = []
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
@@ -211,3 +211,36 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+def registered_checkpoint(uri: str) -> tuple[Path, Path]:
+    """Checkpoint dir and tokenizer file of a registered text model (models:/NAME/VERSION or models:/NAME@ALIAS).
+
+    The model's artifacts are downloaded once into <state>/registry/NAME/VERSION/ and reused after that.
+    """
+    import mlflow
+
+    from model.files import atomic_directory
+    from tasks.settings import state_dir
+
+    spec = uri.removeprefix("models:/")
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = client().get_model_version_by_alias(name, alias)
+        else:
+            name, number = spec.rsplit("/", 1)
+            version = client().get_model_version(name, number) if number != "latest" else max(
+                client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    except (MlflowException, ValueError) as e:
+        raise InstructflowError(f"no registered model {uri} ({str(e).splitlines()[0]}); list them in the MLflow UI "
+                                f"under Models, e.g. models:/pretrain/1 or models:/pretrain@champion") from None
+    target = state_dir() / "registry" / version.name / str(version.version)
+    if not (target / "artifacts" / "checkpoint" / "model.pt").is_file():
+        with atomic_directory(target) as staging:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                                dst_path=str(staging))
+    tokenizers = sorted((target / "artifacts").glob("*.json"))
+    if not tokenizers:
+        raise InstructflowError(f"registered model {uri} has no tokenizer artifact; it was not logged by instructflow")
+    return target / "artifacts" / "checkpoint", tokenizers[0]

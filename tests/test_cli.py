@@ -54,3 +54,10 @@ def test_sample_before_any_training_says_what_to_run(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: no pretrained model yet: run `make demo` or `instructflow pipeline` first")
+
+
+def test_compare_with_bad_shots_fails_with_one_line_before_any_work(tmp_path):
+    result = run_cli("compare", "--shots", "0,few", tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --shots takes comma-separated integers, e.g. 0,1,4 (got '0,few')"]
+    assert not (tmp_path / "state" / "stages").exists()

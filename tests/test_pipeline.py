@@ -209,3 +209,53 @@ def test_finetune_and_evaluate_stages_after_pretraining(prefect_api, corpus, tmp
     assert len(partial) == 1 and partial[0].info.status == "FAILED"
     (records,) = [p.parent for p in (state_dir() / "stages" / "evaluate").glob("*/records/sentiment-k40.jsonl")]
     assert len((records / "sentiment-k0.jsonl").read_text().splitlines()) == 5  # the finished pair is kept
+
+
+def test_evaluate_a_registered_model_by_its_registry_uri(prefect_api, corpus, tmp_path):
+    import json
+
+    from flows.pipeline import pipeline
+    from flows.stages import evaluate_flow
+    from model.errors import InstructflowError
+    from tasks.params import EvaluateParams, TaskParams
+
+    pipeline(corpus_ingest(corpus), TOKENIZER, TINY)  # reused: makes sure a pretrained model is registered
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text("".join(json.dumps({"text": f"{w} is a colour", "options": ["yes", "no"], "label": 0,
+                                          "split": split}) + "\n" for w, split in
+                              [("red", "train"), ("blue", "train"), ("green", "test"), ("gold", "test")]))
+    task = TaskParams(name=str(choice), kind="multiple_choice")
+    results = json.loads(Path(evaluate_flow("models:/pretrain/latest", None, [task], EvaluateParams(shots=[0, 1]))).read_text())
+    assert results["choice/k1"]["examples"] == 2 and results["choice/k1"]["mean_k"] == 1
+    assert list((state_dir() / "registry" / "pretrain").glob("*/artifacts/checkpoint/model.pt"))
+    with pytest.raises(InstructflowError, match="no registered model models:/nothing@champion"):
+        evaluate_flow("models:/nothing@champion", None, [task])
+
+
+def test_sft_then_sampling_k_responses(prefect_api, corpus):
+    """InstructGPT step 1 on the built-in verifiable demonstrations, then K responses per held-out prompt."""
+    import pandas as pd
+
+    from flows.pipeline import pipeline
+    from tasks.params import DemonstrationParams, SampleParams, SFTParams
+    from tasks.stages import sample, sft
+
+    result = pipeline(corpus_ingest(corpus), TOKENIZER, TINY)  # reused
+    demos = DemonstrationParams(n_train=48, n_test=12)
+    params = SFTParams(learning_rate=3e-3, batch_size=8, seq_len=64, epochs=2, eval_every=2)
+    checkpoint = sft(result["checkpoint"], result["tokenizer"], demos, params)
+    (run,) = stage_runs("sft")
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and Path(checkpoint, "model.pt").is_file()
+    val = tracking.client().get_metric_history(run.info.run_id, "sft/val_loss")
+    best = min(val, key=lambda m: m.value)
+    assert metrics["sft/best_step"] == best.step and metrics["sft/best_val_loss"] == pytest.approx(best.value)
+    assert val[0].step == 0  # the pretrained model's own loss is the baseline
+    assert tracking.client().search_model_versions("name='sft'")
+
+    samples = sample("models:/sft/latest", None, SampleParams(n_prompts=3, k=4, max_new_tokens=8))
+    frame = pd.read_parquet(samples)
+    assert frame["prompt"].nunique() == 3 and len(frame) <= 12
+    assert not frame.duplicated(["prompt", "response"]).any()
+    assert set(frame.columns) >= {"prompt", "response", "draw", "seed", "policy"}
+    assert frame["policy"].unique().tolist() == ["models:/sft/latest"]

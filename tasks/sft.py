@@ -1,0 +1,136 @@
+"""InstructGPT step 1 as a Ray Train job: model/sft.py's loop in each worker, the best-validation weights kept.
+
+The driver renders the demonstrations once (chat format, response-only loss mask) into `rendered.json`; each
+worker loads the pretrained GPT, fine-tunes it, and rank 0 writes the weights of the best validation step to
+`best/` as they appear (InstructGPT picked its SFT model by reward-model score; until a reward model exists,
+the validation loss on held-out demonstrations decides). Checkpoints for resuming go through Ray every N steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.files import atomic_write
+from model.sft import Rendered, SFTConfig, SFTState
+from model.sft import sft as sft_loop
+from model.train import make_optimizer
+from tasks.runtime import Runtime
+from tasks.settings import state_dir
+
+METRIC_PREFIX = "sft/"
+
+
+def write_rendered(path: Path, train: list[Rendered], test: list[Rendered]) -> Path:
+    payload = {split: [[r.ids, r.mask] for r in rows] for split, rows in (("train", train), ("test", test))}
+    return atomic_write(path, json.dumps(payload).encode())
+
+
+def read_rendered(path: str | Path) -> tuple[list[Rendered], list[Rendered]]:
+    payload = json.loads(Path(path).read_text())
+    return tuple([Rendered(ids, mask) for ids, mask in payload[split]] for split in ("train", "test"))
+
+
+def worker_loop(job: dict) -> None:
+    """One Ray Train worker: restore or load the pretrained model, run SFT, keep the best weights, report checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from tasks.tracking import MetricBuffer, NullMetricBuffer
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(job["cpus_per_worker"])
+    device = ray.train.torch.get_device()
+    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    cfg = SFTConfig(**{**job["sft"], "betas": tuple(job["sft"]["betas"])})
+    train_rows, val_rows = read_rendered(job["rendered"])
+    best_dir = Path(job["best_dir"])
+
+    torch.manual_seed(cfg.seed)
+    model, _ = load_checkpoint(job["pretrained"], device=device)
+    optimizer = make_optimizer(model, cfg)
+    state = SFTState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restored, extra = load_checkpoint(directory, device=device)
+        model.load_state_dict(restored.state_dict())
+        optimizer.load_state_dict(extra["optimizer"])
+        state = SFTState(step=extra["step"], best_val_loss=extra["best_val_loss"], best_step=extra["best_step"])
+    ddp = ray.train.torch.prepare_model(model)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    if state.step:
+        metrics.mark_resume(state.step)
+
+    def on_step_end(state: SFTState) -> None:
+        if rank == 0 and state.best_step == state.step:  # the newest best: keep its weights
+            save_checkpoint(model, best_dir, extra={"step": state.step, "val_loss": state.best_val_loss})
+        total = job["total_steps"]
+        if state.step % job["checkpoint_every"] and state.step != total:
+            return
+        with tempfile.TemporaryDirectory() as staging:
+            saved = None
+            if rank == 0:
+                extra = {"optimizer": optimizer.state_dict(), "step": state.step, "best_val_loss": state.best_val_loss,
+                         "best_step": state.best_step}
+                save_checkpoint(model, Path(staging) / "checkpoint", extra=extra)
+                saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
+            summary = {"step": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
+                       "truncated": state.truncated}
+            ray.train.report(summary, checkpoint=saved)
+        metrics.flush()
+
+    state = sft_loop(ddp, train_rows, val_rows, cfg, pad=job["pad"], log=metrics.add, state=state, optimizer=optimizer,
+                     on_step_end=on_step_end, autocast=runtime.autocast_factory, rank=rank, world_size=world)
+    if rank == 0 and state.best_step == 0:  # SFT never beat the pretrained model on held-out demonstrations
+        save_checkpoint(load_checkpoint(job["pretrained"])[0], best_dir, extra={"step": 0, "val_loss": state.best_val_loss})
+    metrics.flush()
+
+
+def run_sft(*, key: str, job: dict, output_dir: Path, num_workers: int = 1, use_gpu: bool | None = None,
+            max_failures: int = 1) -> tuple[Path, dict]:
+    """Run the SFT TorchTrainer for `key`; copy the best-validation weights to output_dir; returns (it, final metrics)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tasks.pretrain import copy_checkpoint, ensure_ray
+
+    ensure_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={**job, "cpus_per_worker": cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"sft-{key}", storage_path=str(state_dir() / "ray_results"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = Path(job["best_dir"])
+    if not (best / "model.pt").is_file():
+        raise RuntimeError("the SFT job ended without its best checkpoint")
+    copy_checkpoint(best, output_dir)
+    shutil.rmtree(best, ignore_errors=True)
+    return output_dir, dict(result.metrics or {})
+
+
+def sft_job(*, pretrained: Path, cfg: SFTConfig, rendered: Path, best_dir: Path, pad: int, run_id: str | None,
+            checkpoint_every: int, total_steps: int) -> dict:
+    return {"pretrained": str(pretrained), "sft": dataclasses.asdict(cfg), "rendered": str(rendered),
+            "best_dir": str(best_dir), "pad": pad, "run_id": run_id, "checkpoint_every": checkpoint_every,
+            "total_steps": total_steps}
