@@ -180,3 +180,15 @@ class SampleParams(Params):
         if not prompts:
             raise InstructflowError(f"prompts file {path} has no non-empty prompts")
         return list(dict.fromkeys(prompts))[:self.n_prompts]
+
+
+class RankParams(Params):
+    project: str = Field("instructflow ranking", min_length=3, description="Label Studio project title (found by exact match, else created)")
+    labeler: Literal["people", "simulated"] = Field("people", description="'simulated': the SIMULATED labeler ranks by its gold preference")
+    noise: float = Field(0.1, ge=0, le=1, description="simulated labeler: chance to swap each adjacent pair")
+    wait: Literal["pause", "collect"] = Field("pause", description="'pause' until resumed or min_done tasks are ranked; 'collect' what is done now (schedules)")
+    min_done: int | None = Field(None, ge=1, description="resume by itself once this many tasks are ranked (None: all)")
+    timeout_s: int = Field(3600, ge=1, description="longest pause; then what is ranked is collected")
+    dataset: str = Field("comparisons", description="the comparisons dataset to append to")
+    round: str = Field("round-1", description="a label stored with every task (the feedback round)")
+    seed: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -306,6 +307,7 @@ def sft(checkpoint_uri: str, tokenizer_uri: str | None, demonstrations: Demonstr
                    "steps": plan.total_steps}
         atomic_write(out / "metrics.json", json.dumps(summary, indent=2).encode())
         tracking.log_metrics(run_id, {f"sft/{k}": v for k, v in summary.items()}, step=plan.total_steps)
+        shutil.copy2(tokenizer_uri, out / "tokenizer.json")  # the policy travels with its tokenizer
         version = tracking.register_text_model(run_id, "sft", checkpoint, Path(tokenizer_uri))
         tracking.set_tags(run_id, {"instructflow.input.checkpoint": checkpoint_uri, "instructflow.tokenizer": tokenizer_uri,
                                    "instructflow.demonstrations": data.source or data.name,
