@@ -25,7 +25,7 @@ install-labelstudio:
 test: $(STAMP) install-labelstudio
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) install-labelstudio
 	$(BIN)/python -m flows.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
