@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
     compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
     compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")
+    hub = commands.add_parser("import-gpt2", help="turn released GPT-2 weights into a checkpoint + tokenizer")
+    hub.add_argument("name", help="hub name (gpt2, gpt2-medium, ...) or a transformers save_pretrained directory")
+    hub.add_argument("--out", required=True, help="directory for checkpoint/ and tokenizer.json")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from flows.demo import demo as run_demo
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_reporting_errors(lambda: _pipeline(args))
     if args.command == "sample":
         return run_reporting_errors(lambda: _sample(args))
+    if args.command == "import-gpt2":
+        return run_reporting_errors(lambda: _import_gpt2(args))
     if args.command == "compare":
         return run_reporting_errors(lambda: _compare(args))
     return 1
@@ -88,6 +93,14 @@ def _pipeline(args: argparse.Namespace) -> None:
                       PretrainParams(preset=args.preset, max_steps=args.max_steps, num_workers=args.num_workers))
     for name, value in result.items():
         print(f"{name}: {value}")
+
+
+def _import_gpt2(args: argparse.Namespace) -> None:
+    from tasks.hub import import_gpt2
+
+    checkpoint, tokenizer = import_gpt2(args.name, args.out)
+    print(f"checkpoint: {checkpoint}\ntokenizer: {tokenizer}\nevaluate it zero/few-shot:\n"
+          f"  .venv/bin/python -c \"from flows.stages import evaluate_flow; evaluate_flow('{checkpoint}', '{tokenizer}')\"")
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -61,3 +61,30 @@ def test_compare_with_bad_shots_fails_with_one_line_before_any_work(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --shots takes comma-separated integers, e.g. 0,1,4 (got '0,few')"]
     assert not (tmp_path / "state" / "stages").exists()
+
+
+def test_import_gpt2_weights_from_a_local_directory_then_score_options(tmp_path, gpt2_ranks):
+    """A user's saved GPT-2 (here a seeded, randomly initialised one) becomes a checkpoint that evaluation reads."""
+    import shutil
+
+    import transformers
+
+    from model.checkpoint import load_checkpoint
+    from model.fewshot import EvalExample, evaluate_queries
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64))
+    hf.save_pretrained(tmp_path / "saved")
+    cache = tmp_path / "state" / "cache" / "files"
+    cache.mkdir(parents=True)
+    shutil.copy(gpt2_ranks, cache / "gpt2.tiktoken")  # the ranks file as the carrier would have placed it
+    result = run_cli("import-gpt2", str(tmp_path / "saved"), "--out", str(tmp_path / "gpt2"), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model, _ = load_checkpoint(tmp_path / "gpt2" / "checkpoint")
+    tokenizer = Tokenizer.load(tmp_path / "gpt2" / "tokenizer.json")
+    hf.eval(), model.eval()
+    ids = tokenizer.encode("Review: fine\nSentiment: positive")
+    torch.testing.assert_close(model(torch.tensor([ids]))[0], hf(torch.tensor([ids])).logits, atol=1e-4, rtol=1e-4)
+    query = EvalExample("Review: fine\nSentiment:", (" negative", " positive"), 1)
+    (record,) = evaluate_queries(model, tokenizer.encode, tokenizer.decode, [], [query], 0)
+    assert set(record) >= {"correct_sum", "correct_mean"}
