@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-labelstudio test demo bench clean
+.PHONY: install install-labelstudio install-browser test demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 install-labelstudio:
 	PYTHON=$(PYTHON) infra/labelstudio/install.sh
 
-test: $(STAMP) install-labelstudio
+# Debian's Chromium for the labeling-UI browser test (Playwright drives it; never `playwright install`).
+install-browser:
+	infra/browser/install.sh
+
+test: $(STAMP) install-labelstudio install-browser
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) install-labelstudio
