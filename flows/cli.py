@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--task", default="sentiment", help="fine-tuning task: built-in name or a jsonl/parquet file")
     compare.add_argument("--train-examples", type=int, default=2000, help="fine-tuning rows used (default 2000)")
     compare.add_argument("--epochs", type=int, default=2)
-    compare.add_argument("--learning-rate", type=float, default=5e-4,
-                         help="fine-tuning peak LR (default 5e-4; GPT-1's 6.25e-5 is for a 117M model)")
+    compare.add_argument("--learning-rate", type=float, default=3e-3,
+                         help="fine-tuning peak LR (default 3e-3; GPT-1's 6.25e-5 is for a 117M model)")
     compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
     compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
     compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")

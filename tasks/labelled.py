@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +98,15 @@ def load_task(name: str, *, kind: str | None = None, text_fields: list[str] | No
 
 
 def _split(name: str, rows: list[Row], test_fraction: float, seed: int, splits: list[str] | None = None) -> tuple[list[Row], list[Row]]:
+    """Train and test rows, each in a seeded random order: files are often sorted by label, and callers take
+    prefixes (max_train_examples, max_examples), which must be random samples, not one class."""
     train, test = [], []
     for i, row in enumerate(rows):
         chosen = splits[i] if splits else ("test" if split_of("\x00".join(row.fields), test_fraction, seed) == "val" else "train")
         (test if chosen == "test" else train).append(row)
+    rng = random.Random(f"{name}:{seed}")
+    rng.shuffle(train)
+    rng.shuffle(test)
     return train, test
 
 

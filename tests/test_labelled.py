@@ -32,8 +32,8 @@ def test_a_user_file_with_a_split_column_and_declared_labels(tmp_path):
     task = load_task(jsonl(tmp_path / "nli.jsonl", rows), kind="entailment", text_fields=["premise", "hypothesis"],
                      labels=["yes", "no"])
     assert (len(task.train), len(task.test)) == (6, 2) and task.labels == ("yes", "no")
-    assert task.test[1].label == 1 and task.test[1].fields == ("p1", "h1")
-    prompt = eval_examples(task, task.test)[0]
+    assert sorted((r.fields, r.label) for r in task.test) == [(("p0", "h0"), 0), (("p1", "h1"), 1)]
+    prompt = eval_examples(task, sorted(task.test, key=lambda r: r.fields))[0]
     assert prompt.context == "premise: p0\nhypothesis: h0\nAnswer:" and prompt.options == (" yes", " no")
 
 
@@ -82,3 +82,12 @@ def test_over_long_examples_are_truncated_and_counted_and_gpt2_encoding_is_refus
     assert all(len(ex.sequences[0]) <= 6 for ex in examples)
     with pytest.raises(InstructflowError, match="kind=bpe reserves them"):
         finetune_examples(task, task.train, gpt2_tokenizer, max_len=64)
+
+
+def test_prefixes_of_a_label_sorted_file_are_random_samples(tmp_path):
+    """Files are often sorted by label; max_train_examples/max_examples take prefixes, which must mix the classes."""
+    rows = [{"text": f"text {i}", "label": "pos" if i < 200 else "neg"} for i in range(400)]
+    task = load_task(jsonl(tmp_path / "sorted.jsonl", rows), kind="classification")
+    first = [r.label for r in task.train[:50]]
+    assert 10 < sum(first) < 40
+    assert task.train == load_task(jsonl(tmp_path / "sorted.jsonl", rows), kind="classification").train  # seeded
