@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
-from tasks.stages import evaluate, finetune, ingest, pretrain, tokenize
+from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
+                          SampleParams, SFTParams, TaskParams, TokenizerParams)
+from tasks.stages import evaluate, finetune, ingest, pretrain, sample, sft, tokenize
 
 
 @flow(name="ingest", log_prints=True)
@@ -38,3 +39,17 @@ def evaluate_flow(checkpoint_uri: str, tokenizer_uri: str | None = None, tasks: 
                   params: EvaluateParams = EvaluateParams()) -> str:
     """Zero/one/few-shot evaluation of a checkpoint dir or registered model, no gradient updates; returns results.json's URI."""
     return evaluate(checkpoint_uri, tokenizer_uri, tasks, params)
+
+
+@flow(name="sft", log_prints=True)
+def sft_flow(checkpoint_uri: str, tokenizer_uri: str | None = None,
+             demonstrations: DemonstrationParams = DemonstrationParams(), params: SFTParams = SFTParams()) -> str:
+    """InstructGPT step 1 on prompt -> demonstration pairs (Ray Train); returns the best-validation checkpoint URI."""
+    return sft(checkpoint_uri, tokenizer_uri, demonstrations, params)
+
+
+@flow(name="sample", log_prints=True)
+def sample_flow(policy_uri: str = "models:/sft/latest", tokenizer_uri: str | None = None,
+                params: SampleParams = SampleParams()) -> str:
+    """K responses per prompt from a policy, on Ray; returns the samples.parquet URI (input of the `rank` flow)."""
+    return sample(policy_uri, tokenizer_uri, params)
