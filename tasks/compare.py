@@ -66,6 +66,9 @@ def build_report(finetuned: dict[str, str], transfer: dict[int, str], zero_shot:
         cells = []
         for k in shots:
             r = data["fewshot"].get(f"{t}/k{k}", {})
+            if "skipped" in r:
+                cells.append("does not fit")
+                continue
             cell = f"{_pct(r.get(f'accuracy_{scoring}'))} / {_pct(r.get('accuracy_unconditional'))}"
             cells.append(cell + (f" (mean K {r['mean_k']:.1f})" if k and r.get("mean_k", k) < k else ""))
         chance = data["fewshot"].get(f"{t}/k0", {}).get("chance")
@@ -91,7 +94,7 @@ def plot_report(data: dict, path: Path, scoring: str = "mean") -> Path:
     for t in tasks:
         axes[1].plot(steps, [data["zero_shot"][s].get(f"{t}/k0", {}).get(f"accuracy_{scoring}") for s in steps],
                      marker="o", label=t)
-        shots = sorted(int(p.split("/k")[1]) for p in data["fewshot"] if p.startswith(f"{t}/k"))
+        shots = sorted(int(p.split("/k")[1]) for p, r in data["fewshot"].items() if p.startswith(f"{t}/k") and "skipped" not in r)
         axes[2].plot(shots, [data["fewshot"][f"{t}/k{k}"].get(f"accuracy_{scoring}") for k in shots], marker="o", label=t)
     axes[1].set(title="zero-shot over pretraining", xlabel="pretraining step", ylabel="accuracy")
     axes[2].set(title="in-context examples", xlabel="K", ylabel="accuracy")

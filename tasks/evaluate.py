@@ -15,7 +15,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.errors import InstructflowError
-from model.fewshot import EvalExample, evaluate_queries, summarize
+from model.fewshot import EvalExample, evaluate_queries, max_shots, summarize
 from model.files import atomic_write
 from model.tokenizer import Tokenizer
 from tasks.labelled import LabelledTask, eval_examples
@@ -69,9 +69,22 @@ def evaluate_pair(checkpoint: str, tokenizer_path: str, inputs: str, k: int, see
     return {**summarize(done + new), "chance": payload["chance"], "resumed_at": len(done)}
 
 
-def evaluate_many(checkpoint: Path, tokenizer_path: Path, inputs: dict[str, Path], shots: list[int], out: Path,
-                  seed: int) -> dict[str, dict]:
-    """Every (task, K) as its own Ray task; returns {"<task>/k<K>": summary}, failed pairs marked partial."""
+def shots_that_fit(inputs: dict[str, Path], tokenizer_path: Path, context_len: int, max_new_tokens: int) -> dict[str, int]:
+    """For each task, how many demonstrations of typical length fit beside a typical query (model.fewshot.max_shots)."""
+    tokenizer = Tokenizer.load(tokenizer_path)
+    fits = {}
+    for name, path in inputs.items():
+        payload = json.loads(Path(path).read_text())
+        examples = [[EvalExample(i["context"], tuple(i["options"]), i["answer"], i["target"]) for i in payload[part]]
+                    for part in ("pool", "queries")]
+        fits[name] = max_shots(tokenizer.encode, *examples, context_len, payload["separator"], max_new_tokens) \
+            if examples[0] else 0
+    return fits
+
+
+def evaluate_many(checkpoint: Path, tokenizer_path: Path, inputs: dict[str, Path], shots: dict[str, list[int]],
+                  out: Path, seed: int, max_new_tokens: int = 16) -> dict[str, dict]:
+    """Every (task, K) in `shots` as its own Ray task; returns {"<task>/k<K>": summary}, failed pairs marked partial."""
     import ray
 
     from tasks.pretrain import ensure_ray
@@ -80,10 +93,10 @@ def evaluate_many(checkpoint: Path, tokenizer_path: Path, inputs: dict[str, Path
     remote = ray.remote(num_cpus=1, max_retries=0)(evaluate_pair)
     futures = {}
     for name, path in inputs.items():
-        for k in shots:
+        for k in shots[name]:
             records = out / "records" / f"{name}-k{k}.jsonl"
             futures[f"{name}/k{k}"] = (remote.remote(str(checkpoint), str(tokenizer_path), str(path), k, seed,
-                                                     str(records)), records)
+                                                     str(records), max_new_tokens), records)
     results = {}
     for pair, (future, records) in futures.items():
         try:

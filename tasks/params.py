@@ -116,6 +116,7 @@ class EvaluateParams(Params):
     shots: list[int] = Field([0, 1, 4], description="K demonstrations per query; each K is evaluated separately")
     max_examples: int | None = Field(200, ge=1, description="score only the first N held-out examples of each task")
     max_new_tokens: int = Field(16, ge=1, description="for generative tasks")
+    skip_unfit: bool = Field(False, description="skip (and report) the K values that do not fit a task's context, instead of refusing the run")
     seed: int = 0
 
 

@@ -233,7 +233,7 @@ def evaluate(checkpoint_uri: str, tokenizer_uri: str | None, tasks: list[TaskPar
     A (task, K) pair that fails keeps its scored examples; the stage then fails with their count, and a
     re-run continues where it stopped.
     """
-    from tasks.evaluate import evaluate_many, write_inputs
+    from tasks.evaluate import evaluate_many, shots_that_fit, write_inputs
 
     if not tasks:
         raise InstructflowError("no tasks to evaluate: give at least one task")
@@ -241,18 +241,30 @@ def evaluate(checkpoint_uri: str, tokenizer_uri: str | None, tasks: list[TaskPar
     loaded = [t.load() for t in tasks]
     if len({t.name for t in loaded}) != len(loaded):
         raise InstructflowError(f"task names repeat in {[t.name for t in loaded]}; each task needs its own name")
-    read_model_config(checkpoint_uri)
+    context_len = read_model_config(checkpoint_uri).block_size
     key = params.fingerprint(checkpoint_uri, tokenizer_uri, *[t.sha256 for t in loaded])
 
     def build(run_id: str, out: Path) -> Path:
         inputs = {t.name: write_inputs(out / "inputs" / f"{t.name}.json", t, params.max_examples) for t in loaded}
-        results = evaluate_many(Path(checkpoint_uri), Path(tokenizer_uri), inputs, sorted(set(params.shots)), out,
-                                params.seed)
+        fits = shots_that_fit(inputs, Path(tokenizer_uri), context_len, params.max_new_tokens)
+        unfit = {name: [k for k in sorted(set(params.shots)) if k > fit] for name, fit in fits.items()}
+        unfit = {name: ks for name, ks in unfit.items() if ks}
+        if unfit and not params.skip_unfit:  # before any work, not in the middle of a long evaluation
+            details = "; ".join(f"{name}: K={ks} (about {fits[name]} fit)" for name, ks in unfit.items())
+            raise InstructflowError(f"too many demonstrations for the model's {context_len}-token context: {details}. "
+                                    "Lower shots, or set skip_unfit to evaluate the K values that fit")
+        shots = {name: [k for k in sorted(set(params.shots)) if k <= fits[name]] for name in inputs}
+        results = evaluate_many(Path(checkpoint_uri), Path(tokenizer_uri), inputs, shots, out, params.seed,
+                                params.max_new_tokens)
+        for name, ks in unfit.items():
+            for k in ks:
+                results[f"{name}/k{k}"] = {"partial": False, "skipped": f"K={k} does not fit (about {fits[name]} fit)"}
         path = atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
         for pair, summary in results.items():
             name, k = pair.split("/k")
             values = {f"eval/{name}/{m}": v for m, v in summary.items() if isinstance(v, (int, float)) and m != "partial"}
-            tracking.log_metrics(run_id, values, step=int(k))
+            if values:
+                tracking.log_metrics(run_id, values, step=int(k))
         tracking.client().log_artifact(run_id, str(path))
         tracking.set_tags(run_id, {"instructflow.input.checkpoint": checkpoint_uri})
         partial = {pair: r for pair, r in results.items() if r["partial"]}

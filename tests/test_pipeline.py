@@ -201,14 +201,18 @@ def test_finetune_and_evaluate_stages_after_pretraining(prefect_api, corpus, tmp
     accuracy = client.get_metric_history(evaluation.info.run_id, "eval/choice/accuracy_mean")
     assert sorted(m.step for m in accuracy) == [0, 1]  # plotted against K
 
-    # K that cannot fit the 64-token context: those pairs fail with a clear message, the others finish and stay
-    with pytest.raises(InstructflowError, match=r"evaluation incomplete \(sentiment/k40: 0 scored, then K=40"):
-        pipeline(ingest, TOKENIZER, TINY, evaluate_tasks=tasks,
-                 evaluate_params=EvaluateParams(shots=[0, 40], max_examples=5))
-    partial = [r for r in stage_runs("evaluate") if r.data.tags.get("instructflow.partial") == "true"]
-    assert len(partial) == 1 and partial[0].info.status == "FAILED"
-    (records,) = [p.parent for p in (state_dir() / "stages" / "evaluate").glob("*/records/sentiment-k40.jsonl")]
-    assert len((records / "sentiment-k0.jsonl").read_text().splitlines()) == 5  # the finished pair is kept
+    # K that cannot fit the 64-token context: refused before any work, naming the task and what fits...
+    before = len(stage_runs("evaluate"))
+    with pytest.raises(InstructflowError, match=r"too many demonstrations .* sentiment: K=\[40\] \(about \d+ fit\)"):
+        pipeline(ingest, TOKENIZER, TINY, evaluate_tasks=tasks, evaluate_params=EvaluateParams(shots=[0, 40], max_examples=5))
+    # ...or, for a sweep over K, skipped and reported while the K values that fit are scored
+    pipeline(ingest, TOKENIZER, TINY, evaluate_tasks=tasks,
+             evaluate_params=EvaluateParams(shots=[0, 40], max_examples=5, skip_unfit=True))
+    runs = stage_runs("evaluate")
+    assert len(runs) == before + 2 and "FAILED" in {r.info.status for r in runs}
+    (latest,) = [r for r in runs if r.info.status == "FINISHED" and r.data.params.get("skip_unfit") == "True"]
+    results = json.loads(Path(latest.data.tags[tracking.OUTPUT_TAG]).read_text())
+    assert results["sentiment/k0"]["examples"] == 5 and "does not fit" in results["sentiment/k40"]["skipped"]
 
 
 def test_evaluate_a_registered_model_by_its_registry_uri(prefect_api, corpus, tmp_path):
