@@ -23,8 +23,7 @@ from model.finetune import (Example, FinetuneConfig, FinetuneState, TaskModel, l
                             save_task_model, transfer_layers)
 from model.finetune import finetune as finetune_loop
 from model.gpt import GPT
-from tasks.runtime import Runtime
-from tasks.settings import state_dir
+from tasks.pretrain import copy_checkpoint, fit_trainer, worker_runtime
 
 METRIC_PREFIX = "finetune/"
 
@@ -46,11 +45,8 @@ def worker_loop(job: dict) -> None:
 
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(job["cpus_per_worker"])
-    device = ray.train.torch.get_device()
-    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    rank, world, runtime = worker_runtime(job)
+    device = runtime.device
     cfg = FinetuneConfig(**job["finetune"])
     train_examples, test_examples = read_examples(job["examples"])
 
@@ -98,31 +94,8 @@ def worker_loop(job: dict) -> None:
 def run_finetuning(*, key: str, job: dict, output_dir: Path, num_workers: int = 1, use_gpu: bool | None = None,
                    max_failures: int = 1) -> tuple[Path, dict]:
     """Run the fine-tuning TorchTrainer for `key`; returns (checkpoint dir, the final reported metrics)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from tasks.pretrain import copy_checkpoint, ensure_ray
-
-    ensure_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
-    job = {**job, "cpus_per_worker": cpus_per_worker}
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=job,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"finetune-{key}", storage_path=str(state_dir() / "ray_results"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = fit_trainer(worker_loop, job, name=f"finetune-{key}", num_workers=num_workers, use_gpu=use_gpu,
+                         max_failures=max_failures)
     if result.checkpoint is None:
         raise RuntimeError("the fine-tuning job ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -91,6 +91,51 @@ def _ensure_ray_token() -> None:
             f.write(secrets.token_hex(32))
 
 
+def fit_trainer(loop: Callable[[dict], None], job: dict, *, name: str, num_workers: int, use_gpu: bool | None,
+                max_failures: int, keep: int | None = 2):
+    """Run `loop(job)` as a TorchTrainer named `name` (a new run of the same name resumes its checkpoints).
+
+    CPU workers share the node's CPUs between them (job["cpus_per_worker"] tells each how many threads to use);
+    GPU workers keep Ray's default of one CPU. Returns Ray's Result; a failed run raises its error.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**job, "cpus_per_worker": cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(state_dir() / "ray_results"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def worker_runtime(job: dict) -> tuple[int, int, Runtime]:
+    """Inside a Ray Train worker: (rank, world size, device + dtype), torch threads set to this worker's CPUs."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    torch.set_num_threads(job["cpus_per_worker"])  # Ray pins a worker to 1 thread unless told otherwise
+    device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return context.get_world_rank(), context.get_world_size(), Runtime(device, torch.bfloat16 if bf16 else torch.float32)
+
+
 def worker_loop(job: dict) -> None:
     """One Ray Train worker: resume if a checkpoint exists, train, report checkpoints every N steps."""
     import ray.train
@@ -98,12 +143,8 @@ def worker_loop(job: dict) -> None:
 
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.set_num_threads(job["cpus_per_worker"])  # Ray pins a worker to 1 thread unless told otherwise
-    device = ray.train.torch.get_device()
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    runtime = Runtime(device, torch.bfloat16 if bf16 else torch.float32)
+    rank, _, runtime = worker_runtime(job)
+    device = runtime.device
     cfg = TrainConfig(**job["train"])
     if cfg.peak_flops is None:
         cfg.peak_flops = matmul_peak_flops(device, runtime.dtype, repeats=3)
@@ -174,37 +215,15 @@ def run_pretraining(
     With `snapshots_dir`, every reported checkpoint is kept and copied to `snapshots_dir/step-NNNNNN`
     (for curves over pretraining, e.g. GPT-1's zero-shot behaviour as pretraining goes on).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if train_config.max_seconds is not None:
         raise InstructflowError("max_seconds is for the single-process demo loop; give Ray jobs max_steps")
-    ensure_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    # CPU workers share the CPUs of the node(s) between them; GPU workers keep Ray's default of one CPU
-    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     job = {
         "model": model_config.to_dict(), "train": dataclasses.asdict(train_config), "vocab_size": vocab_size,
         "train_tokens": str(train_tokens), "val_tokens": str(val_tokens), "run_id": run_id,
-        "checkpoint_every": checkpoint_every, "cpus_per_worker": cpus_per_worker, "compile": compile_model,
+        "checkpoint_every": checkpoint_every, "compile": compile_model,
     }
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=job,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"pretrain-{key}",
-            storage_path=str(state_dir() / "ray_results"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None if snapshots_dir else 2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = fit_trainer(worker_loop, job, name=f"pretrain-{key}", num_workers=num_workers, use_gpu=use_gpu,
+                         max_failures=max_failures, keep=None if snapshots_dir else 2)
     if result.checkpoint is None:
         raise RuntimeError("the pretraining job ended without a checkpoint")
     for snapshot, metrics in (result.best_checkpoints or []) if snapshots_dir else []:

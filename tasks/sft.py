@@ -21,8 +21,7 @@ from model.files import atomic_write
 from model.sft import Rendered, SFTConfig, SFTState
 from model.sft import sft as sft_loop
 from model.train import make_optimizer
-from tasks.runtime import Runtime
-from tasks.settings import state_dir
+from tasks.pretrain import copy_checkpoint, fit_trainer, worker_runtime
 
 METRIC_PREFIX = "sft/"
 
@@ -44,11 +43,8 @@ def worker_loop(job: dict) -> None:
 
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(job["cpus_per_worker"])
-    device = ray.train.torch.get_device()
-    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    rank, world, runtime = worker_runtime(job)
+    device = runtime.device
     cfg = SFTConfig(**{**job["sft"], "betas": tuple(job["sft"]["betas"])})
     train_rows, val_rows = read_rendered(job["rendered"])
     best_dir = Path(job["best_dir"])
@@ -97,30 +93,8 @@ def worker_loop(job: dict) -> None:
 def run_sft(*, key: str, job: dict, output_dir: Path, num_workers: int = 1, use_gpu: bool | None = None,
             max_failures: int = 1) -> tuple[Path, dict]:
     """Run the SFT TorchTrainer for `key`; copy the best-validation weights to output_dir; returns (it, final metrics)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from tasks.pretrain import copy_checkpoint, ensure_ray
-
-    ensure_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cpus_per_worker = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={**job, "cpus_per_worker": cpus_per_worker},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"sft-{key}", storage_path=str(state_dir() / "ray_results"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = fit_trainer(worker_loop, job, name=f"sft-{key}", num_workers=num_workers, use_gpu=use_gpu,
+                         max_failures=max_failures)
     best = Path(job["best_dir"])
     if not (best / "model.pt").is_file():
         raise RuntimeError("the SFT job ended without its best checkpoint")
