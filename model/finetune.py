@@ -28,6 +28,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_directory
 from model.gpt import GPT
+from model.train import make_optimizer  # AdamW, decay on matrices only
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 FIELDS_PER_KIND = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice": 1}
@@ -206,6 +207,7 @@ class FinetuneConfig:
     warmup_fraction: float = 0.002
     lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1
     weight_decay: float = 0.01  # GPT-1's modified L2 regularisation, w = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)  # GPT-1 used Adam's defaults
     grad_clip: float | None = 1.0
     eval_every: int = 50  # steps between held-out evaluations (and always at the end)
     log_every: int = 10
@@ -325,14 +327,6 @@ def finetune(
         if on_step_end is not None:
             on_step_end(state)
     return state
-
-
-def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """Adam with GPT-1's decoupled weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999))
 
 
 def save_task_model(model: TaskModel, directory, labels: Sequence[str] = (), extra: dict | None = None):

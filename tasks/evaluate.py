@@ -30,6 +30,14 @@ def write_inputs(path: Path, task: LabelledTask, max_examples: int | None) -> Pa
     return atomic_write(path, json.dumps(payload).encode())
 
 
+def read_inputs(path: str | Path) -> tuple[dict, list[EvalExample], list[EvalExample]]:
+    """The inputs file written by write_inputs: (its payload, the demonstration pool, the queries)."""
+    payload = json.loads(Path(path).read_text())
+    pool, queries = ([EvalExample(i["context"], tuple(i["options"]), i["answer"], i["target"]) for i in payload[part]]
+                     for part in ("pool", "queries"))
+    return payload, pool, queries
+
+
 def read_records(path: Path) -> list[dict]:
     """Complete JSON lines of a records file; a torn last line (the process died mid-write) is dropped."""
     if not path.exists():
@@ -49,11 +57,9 @@ def evaluate_pair(checkpoint: str, tokenizer_path: str, inputs: str, k: int, see
                   max_new_tokens: int = 16) -> dict:
     """Score one task at one K (resuming its records file); returns the summary."""
     torch.set_num_threads(1)
-    payload = json.loads(Path(inputs).read_text())
+    payload, pool, queries = read_inputs(inputs)
     tokenizer = Tokenizer.load(tokenizer_path)
     model, _ = load_checkpoint(checkpoint)
-    as_examples = lambda items: [EvalExample(i["context"], tuple(i["options"]), i["answer"], i["target"]) for i in items]
-    pool, queries = as_examples(payload["pool"]), as_examples(payload["queries"])
     path = Path(records_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_records(path)
@@ -74,11 +80,9 @@ def shots_that_fit(inputs: dict[str, Path], tokenizer_path: Path, context_len: i
     tokenizer = Tokenizer.load(tokenizer_path)
     fits = {}
     for name, path in inputs.items():
-        payload = json.loads(Path(path).read_text())
-        examples = [[EvalExample(i["context"], tuple(i["options"]), i["answer"], i["target"]) for i in payload[part]]
-                    for part in ("pool", "queries")]
-        fits[name] = max_shots(tokenizer.encode, *examples, context_len, payload["separator"], max_new_tokens) \
-            if examples[0] else 0
+        payload, pool, queries = read_inputs(path)
+        fits[name] = max_shots(tokenizer.encode, pool, queries, context_len, payload["separator"], max_new_tokens) \
+            if pool else 0
     return fits
 
 

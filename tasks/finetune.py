@@ -19,10 +19,11 @@ from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_write
-from model.finetune import (Example, FinetuneConfig, FinetuneState, TaskModel, load_task_model, make_optimizer,
+from model.finetune import (Example, FinetuneConfig, FinetuneState, TaskModel, load_task_model,
                             save_task_model, transfer_layers)
 from model.finetune import finetune as finetune_loop
 from model.gpt import GPT
+from model.train import make_optimizer
 from tasks.pretrain import copy_checkpoint, fit_trainer, worker_runtime
 
 METRIC_PREFIX = "finetune/"

@@ -347,10 +347,7 @@ def sample(policy_uri: str, tokenizer_uri: str | None, params: SampleParams, par
                                             temperature=params.temperature, top_p=params.top_p,
                                             max_new_tokens=params.max_new_tokens)
         frame = pd.DataFrame(rows).assign(policy=policy_uri_given, run_id=run_id)
-        out.mkdir(parents=True, exist_ok=True)
-        staging = out / ".samples.parquet.tmp"
-        frame.to_parquet(staging, index=False)
-        staging.replace(out / "samples.parquet")
+        atomic_write(out / "samples.parquet", frame.to_parquet(index=False))
         per_prompt = frame.groupby("prompt").size()
         tracking.log_metrics(run_id, {"sample/prompts": len(prompts), "sample/responses": len(frame),
                                       "sample/duplicates_dropped": duplicates,
