@@ -32,9 +32,12 @@ test: $(STAMP) install-labelstudio install-browser
 demo: $(STAMP) install-labelstudio
 	$(BIN)/python -m flows.demo $(DEMO_ARGS)
 
+# Peer libraries (TRL) are benchmark extras: installed here, never by `make install`/`make test`.
 bench: $(STAMP)
+	bench/install_peers.sh $(BIN)/python
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.pretrain
+	$(BIN)/python -m bench.rlhf
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .instructflow-test

@@ -65,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
     compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
     compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")
+    loop = commands.add_parser("rlhf", help="feedback rounds: sample -> rank in Label Studio -> reward model -> PPO -> judge")
+    loop.add_argument("--sft", default="models:/sft/latest", help="the SFT policy (registry URI or checkpoint dir)")
+    loop.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the registered model's)")
+    loop.add_argument("--rounds", type=int, default=1)
+    loop.add_argument("--labeler", choices=["people", "simulated"], default="people",
+                      help="'people' pause until rankings arrive in Label Studio; 'simulated' ranks by the gold preference")
+    loop.add_argument("--prompts", type=int, default=64, help="prompts sent for ranking per round")
+    loop.add_argument("--k", type=int, default=4, help="responses per prompt (4 to 9 in InstructGPT)")
+    loop.add_argument("--from-champion", action="store_true", help="start from policy@champion instead of SFT")
+    chat = commands.add_parser("chat", help="talk to the policy: models:/policy@champion, else the latest SFT model")
+    chat.add_argument("--model", default=None, help="a registry URI or checkpoint dir (default: policy@champion, "
+                                                    "falling back to models:/sft/latest)")
+    chat.add_argument("--tokenizer", default=None, help="tokenizer.json for a checkpoint dir")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--message", default=None, help="answer this one message and exit (else an interactive loop)")
     hub = commands.add_parser("import-gpt2", help="turn released GPT-2 weights into a checkpoint + tokenizer")
     hub.add_argument("name", help="hub name (gpt2, gpt2-medium, ...) or a transformers save_pretrained directory")
     hub.add_argument("--out", required=True, help="directory for checkpoint/ and tokenizer.json")
@@ -81,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_reporting_errors(lambda: _import_gpt2(args))
     if args.command == "compare":
         return run_reporting_errors(lambda: _compare(args))
+    if args.command == "rlhf":
+        return run_reporting_errors(lambda: _rlhf(args))
+    if args.command == "chat":
+        return run_reporting_errors(lambda: _chat(args))
     return 1
 
 
@@ -121,6 +141,28 @@ def _compare(args: argparse.Namespace) -> None:
         evaluate_params=EvaluateParams(shots=shots, max_examples=args.eval_examples),
     )
     print(f"report: {report}")
+
+
+def _rlhf(args: argparse.Namespace) -> None:
+    from flows.demo import print_feedback_round
+    from flows.rlhf import rlhf
+    from tasks.params import RankParams, SampleParams
+
+    if args.rounds < 1:
+        raise InstructflowError(f"--rounds must be at least 1, got {args.rounds}")
+    result = rlhf(args.sft, args.tokenizer, args.rounds, args.from_champion,
+                  sample_params=SampleParams(n_prompts=args.prompts, k=args.k),
+                  rank_params=RankParams(labeler=args.labeler, wait="pause" if args.labeler == "people" else "collect"))
+    for round_ in result["rounds"]:
+        print(f"\n{round_['round']}:")
+        print_feedback_round(round_)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from tasks.chat import chat_session
+
+    chat_session(args.model, args.tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                 message=args.message)
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ def rank(samples_uri: str, k: int = 4, params: RankParams = RankParams(), parent
         simulated_labeling(project["project_id"], params.noise, params.seed)
     if params.wait == "pause":
         wait_for_rankings(project["project_id"], project["url"], params.min_done, params.timeout_s)
-    collected = collect_comparisons(project["project_id"], params.project, params.dataset, parent_run_id)
+    collected = collect_comparisons(project["project_id"], params.project, params.dataset, parent_run_id, params.round)
     return {**project, **collected}
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
-                          SampleParams, SFTParams, TaskParams, TokenizerParams)
+from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, PPOParams,
+                          PretrainParams, RewardParams, SampleParams, SFTParams, TaskParams, TokenizerParams)
+from tasks.rlhf import ppo, reward
 from tasks.stages import evaluate, finetune, ingest, pretrain, sample, sft, tokenize
 
 
@@ -53,3 +54,17 @@ def sample_flow(policy_uri: str = "models:/sft/latest", tokenizer_uri: str | Non
                 params: SampleParams = SampleParams()) -> str:
     """K responses per prompt from a policy, on Ray; returns the samples.parquet URI (input of the `rank` flow)."""
     return sample(policy_uri, tokenizer_uri, params)
+
+
+@flow(name="reward", log_prints=True)
+def reward_flow(sft_uri: str = "models:/sft/latest", tokenizer_uri: str | None = None,
+                params: RewardParams = RewardParams()) -> str:
+    """InstructGPT step 2: the reward model on the comparisons collected so far (Ray Train); returns its URI."""
+    return reward(sft_uri, tokenizer_uri, params)
+
+
+@flow(name="ppo", log_prints=True)
+def ppo_flow(reward_uri: str, sft_uri: str = "models:/sft/latest", policy_uri: str | None = None,
+             tokenizer_uri: str | None = None, params: PPOParams = PPOParams(), ptx_tokens_uri: str | None = None) -> str:
+    """InstructGPT step 3: PPO against a reward model with a KL penalty to SFT (Ray Train); returns the policy URI."""
+    return ppo(policy_uri or sft_uri, sft_uri, reward_uri, tokenizer_uri, params, "manual", ptx_tokens_uri)

@@ -141,9 +141,13 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
 
 
 @task(name="collect-comparisons", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def collect_comparisons(project_id: int, project: str, dataset: str, parent_run_id: str | None) -> dict:
-    """Export the project's rankings -> all ordered pairs -> a new dataset version with only the new annotations."""
-    from tasks.ranking import append_comparisons, comparisons_from_export, export_rankings, read_manifest
+def collect_comparisons(project_id: int, project: str, dataset: str, parent_run_id: str | None,
+                        round_name: str | None = None) -> dict:
+    """Export the project's rankings -> all ordered pairs -> a new dataset version with only the new annotations.
+
+    With `round_name`, the dataset version the round ended with is recorded (once) and returned as round_version."""
+    from tasks.ranking import (append_comparisons, comparisons_from_export, export_rankings, read_manifest,
+                               round_version)
 
     rows, stats = comparisons_from_export(export_rankings(project_id))
     out = comparisons_dir(dataset)
@@ -172,7 +176,8 @@ def collect_comparisons(project_id: int, project: str, dataset: str, parent_run_
         tracking.fail_stage_run(run_id)
         raise
     tracking.finish_stage_run(run_id, str(version or out))
-    return {"dataset": str(out), "version": str(version) if version else None, "new_rows": 0 if version is None else
+    ended_with = round_version(out, round_name, appended=version is not None) if round_name else None
+    return {"dataset": str(out), "version": str(version) if version else None, "round_version": ended_with, "new_rows": 0 if version is None else
             manifest["versions"][-1]["rows"], "stats": {k: v for k, v in stats.items() if k != "problems"},
             "mlflow_run_id": run_id}
 

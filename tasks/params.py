@@ -193,3 +193,65 @@ class RankParams(Params):
     dataset: str = Field("comparisons", description="the comparisons dataset to append to")
     round: str = Field("round-1", description="a label stored with every task (the feedback round)")
     seed: int = 0
+
+
+class RewardParams(Params):
+    dataset: str = Field("comparisons", description="the comparisons dataset (under <state>/datasets/) to train on")
+    version: int | None = Field(None, ge=1, description="train on versions 1..N of the dataset (None: all so far)")
+    learning_rate: float = Field(9e-6, gt=0, description="InstructGPT C.2 (6B RM): 9e-6; tiny models want ~1e-4")
+    batch_size: int = Field(64, ge=1, description="rankings (prompts, each with all its comparisons) per step; C.2: 64")
+    epochs: int = Field(1, ge=1, description="InstructGPT: one epoch, more overfits")
+    tie_target: float | None = Field(None, ge=0, le=1, description="None: ties give no pair; 0.5: a tie trains toward equal rewards")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out for accuracy")
+    eval_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+
+
+class PPOParams(Params):
+    prompts: str = Field("verifiable", description="'verifiable' (training-side built-in prompts) or a jsonl/parquet file with a prompt field")
+    n_prompts: int = Field(512, ge=1, description="how many prompts to draw rollouts from")
+    total_episodes: int = Field(256_000, ge=1, description="prompts answered over the run (InstructGPT: 256k)")
+    batch_size: int = Field(512, ge=1, description="episodes per rollout batch (InstructGPT C.4: 512)")
+    mini_batches: int = Field(8, ge=1, description="minibatch updates per PPO epoch (C.4: 512 / 64)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each batch (C.4: 1)")
+    learning_rate: float = Field(9e-6, gt=0, description="tiny models want ~1e-4")
+    beta: float = Field(0.02, gt=0, description="KL coefficient (InstructGPT: 0.02)")
+    kl_target: float | None = Field(None, gt=0, description="set to adapt beta toward this KL (Ziegler et al.)")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx pretraining-loss coefficient (InstructGPT: 27.8); 0 = plain PPO")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of policy weights (InstructGPT: 0.992)")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    missing_end_penalty: float | None = Field(1.0, ge=0, description="subtracted from the score of a response that never stops")
+    value_coef: float = Field(0.1, ge=0)
+    checkpoint_every: int = Field(5, ge=1, description="rollout batches between resumable checkpoints")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+
+    def load_prompts(self, exclude: set[str] = frozenset()) -> list[str]:
+        """The rollout prompts: training-side verifiable prompts (never the held-out ones), or a file's."""
+        if self.prompts == "verifiable":
+            from tasks.demonstrations import verifiable_demonstrations
+
+            drawn = verifiable_demonstrations(self.n_prompts, 1, seed=self.seed + 1).train
+            return [d.prompt for d in drawn if d.prompt not in exclude]
+        return SampleParams(prompts=self.prompts, n_prompts=self.n_prompts).load_prompts()
+
+
+class JudgeParams(Params):
+    prompts: str = Field("verifiable", description="'verifiable' (held-out prompts never ranked) or a jsonl/parquet file")
+    n_prompts: int = Field(64, ge=1)
+    judge: Literal["gold", "reward"] = Field("gold", description="'gold': the simulated labeler's hidden preference; 'reward': the reward model")
+    temperature: float = Field(0.0, ge=0, description="decoding of the compared responses (0 = greedy)")
+    max_new_tokens: int = Field(32, ge=1)
+    kl_samples: int = Field(4, ge=1, description="samples per prompt (temperature 1) for the KL to SFT")
+    seed: int = 0

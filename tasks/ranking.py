@@ -510,6 +510,21 @@ def append_comparisons(dataset_dir: Path, rows: Sequence[dict]) -> Path | None:
         return path
 
 
+def round_version(dataset_dir: Path, round_name: str, appended: bool) -> int | None:
+    """The dataset version a feedback round ended with (None when the dataset had no comparisons then): recorded when
+    the round first collects, and again whenever its collection appended something. A re-run that collects nothing
+    new gets the recorded version back, whatever later rounds added, so the round's reward model is trained on the
+    same data every time."""
+    dataset_dir = Path(dataset_dir)
+    with _locked(dataset_dir):
+        manifest = read_manifest(dataset_dir)
+        rounds = manifest.setdefault("rounds", {})
+        if appended or round_name not in rounds:
+            rounds[round_name] = max((e["version"] for e in manifest["versions"]), default=None)
+            atomic_write(dataset_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return rounds[round_name]
+
+
 def read_comparisons(dataset_dir: Path, version: int | None = None):
     """The comparisons of versions 1..version (default: all) as a DataFrame, each annotation at its latest edit.
 

@@ -180,31 +180,67 @@ class NullMetricBuffer:
         pass
 
 
-def register_text_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
-                        aliases: tuple[str, ...] = ()) -> str:
-    """Log a checkpoint as a pyfunc text generator in `run_id`, register it as `name`; returns the version.
-
-    Every call adds a version; `models:/NAME/latest` is always the newest (MLflow reserves the alias
-    "latest" for that), other aliases are set here.
-    """
+def register_model(run_id: str, name: str, python_model: str, artifacts: Mapping[str, Path], input_example,
+                   aliases: tuple[str, ...] = ()) -> str:
+    """Log a pyfunc model (a "models from code" file in tasks/) with its artifacts in `run_id`, register it as
+    `name`; returns the version. Every call adds a version; `models:/NAME/latest` is always the newest (MLflow
+    reserves the alias "latest" for that), other aliases are set here."""
     import mlflow
-
-    from tasks.text_model import DEFAULT_PARAMS
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(__file__).with_name("text_model.py")),
-            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_path)},
+            python_model=str(Path(__file__).with_name(python_model)),
+            artifacts={k: str(v) for k, v in artifacts.items()},
             code_paths=[str(CHECKOUT / "model")],
             pip_requirements=[f"torch=={_version('torch')}", f"tokenizers=={_version('tokenizers')}", "pandas"],
-            input_example=(["Once upon a time"], DEFAULT_PARAMS),  # also declares the params
+            input_example=input_example,  # also declares the params
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
     for alias in aliases:
         client().set_registered_model_alias(name, alias, version)
     return version
+
+
+def register_text_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
+                        aliases: tuple[str, ...] = ()) -> str:
+    """A checkpoint as a pyfunc text generator (tasks/text_model.py: prompts in, completions out)."""
+    from tasks.text_model import DEFAULT_PARAMS
+
+    return register_model(run_id, name, "text_model.py", {"checkpoint": checkpoint_dir, "tokenizer": tokenizer_path},
+                          (["Once upon a time"], DEFAULT_PARAMS), aliases)
+
+
+def register_chat_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
+                        aliases: tuple[str, ...] = ()) -> str:
+    """A chat policy as a pyfunc (tasks/chat_model.py: user messages in, assistant replies out)."""
+    from tasks.chat_model import DEFAULT_PARAMS
+
+    return register_model(run_id, name, "chat_model.py", {"checkpoint": checkpoint_dir, "tokenizer": tokenizer_path},
+                          (["Uppercase: dog"], DEFAULT_PARAMS), aliases)
+
+
+def register_reward_model(run_id: str, name: str, model_dir: Path, tokenizer_path: Path,
+                          aliases: tuple[str, ...] = ()) -> str:
+    """A reward model as a pyfunc scorer (tasks/reward_scorer.py: prompt/response rows in, rewards out)."""
+    import pandas as pd
+
+    example = pd.DataFrame([{"prompt": "Uppercase: dog", "response": "DOG"}])
+    return register_model(run_id, name, "reward_scorer.py", {"reward_model": model_dir, "tokenizer": tokenizer_path},
+                          example, aliases)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def alias_version(name: str, alias: str):
+    """The model version behind models:/NAME@ALIAS, or None when the alias (or the model) does not exist."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def _version(package: str) -> str:

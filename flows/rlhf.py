@@ -1,0 +1,67 @@
+"""The feedback loop, InstructGPT steps 2 and 3 in rounds: sample -> rank -> reward model -> PPO -> judge -> promote.
+
+Each round samples K responses from the current policy (SFT in the first round), has them ranked in Label Studio,
+trains the reward model on ALL comparisons collected so far, runs PPO from the current policy against it (the KL
+reference is always SFT), judges the new policy on held-out prompts and promotes it to `policy@champion` when it
+beats the current champion (or SFT). Every stage is cached by its inputs: a re-run after a failure resumes at the
+stage that failed, and finished rounds are not redone.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.instruct import rank
+from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
+from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promotion, reward
+from tasks.stages import pipeline_run, resolve_model, sample
+
+
+@flow(name="rlhf", log_prints=True)
+def rlhf(
+    sft_uri: str = "models:/sft/latest",
+    tokenizer_uri: str | None = None,
+    rounds: int = 1,
+    from_champion: bool = False,
+    sample_params: SampleParams = SampleParams(),
+    rank_params: RankParams = RankParams(),
+    reward_params: RewardParams = RewardParams(),
+    ppo_params: PPOParams = PPOParams(),
+    judge_params: JudgeParams = JudgeParams(),
+    ptx_tokens_uri: str | None = None,
+) -> dict:
+    """N feedback rounds from the SFT policy (or from policy@champion with from_champion); returns each round's URIs."""
+    params = {"sft": sft_uri, "rounds": rounds, "from_champion": from_champion, "sample": sample_params.model_dump(),
+              "rank": rank_params.model_dump(), "reward": reward_params.model_dump(), "ppo": ppo_params.model_dump(),
+              "judge": judge_params.model_dump()}
+    sft, tokenizer = resolve_model(sft_uri, tokenizer_uri)
+    policy = (champion_checkpoint() or sft) if from_champion else sft
+    results = []
+    with pipeline_run("rlhf", params) as run_id:
+        for n in range(1, rounds + 1):
+            name = f"{rank_params.round}.{n}" if rounds > 1 else rank_params.round
+            samples = sample(policy, tokenizer, sample_params.model_copy(update={"seed": sample_params.seed + n - 1}),
+                             run_id)
+            ranked = rank(samples, sample_params.k, rank_params.model_copy(update={"round": name}), run_id)
+            # all comparisons so far: the dataset as this round left it (the same version on a re-run)
+            data = {"dataset": rank_params.dataset, "version": ranked["round_version"]}
+            reward_model = reward(sft, tokenizer, reward_params.model_copy(update=data), run_id)
+            new_policy = ppo(policy, sft, reward_model, tokenizer,
+                             ppo_params.model_copy(update={"seed": ppo_params.seed + n - 1}), name, ptx_tokens_uri, run_id)
+            versus_sft = judge(new_policy, sft, sft, reward_model, tokenizer, judge_params, **data, parent_run_id=run_id)
+            promoted = recorded_promotion(new_policy)  # decided in an earlier run of this round
+            if promoted is None:
+                champion = champion_checkpoint()
+                versus_champion = versus_sft if champion is None else judge(
+                    new_policy, champion, sft, reward_model, tokenizer, judge_params, **data, parent_run_id=run_id)
+                promoted = promote(new_policy, versus_champion)
+            results.append({"round": name, "samples": samples, "comparisons": ranked["dataset"],
+                            "new_comparisons": ranked["new_rows"],
+                            "labelstudio_project": ranked["url"], "reward": reward_model, "policy": new_policy,
+                            "judgement": versus_sft, "promotion": promoted})
+            policy = new_policy
+    return {"mlflow_run_id": run_id, "sft": sft, "tokenizer": tokenizer, "rounds": results}
+
+
+if __name__ == "__main__":
+    rlhf()

@@ -1,0 +1,31 @@
+"""The chat command: streamed replies equal the batch sampler's, and a missing model is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import GPTConfig
+from model.errors import InstructflowError
+from model.gpt import GPT
+from model.sft import generate_response
+from model.tokenizer import Tokenizer
+
+
+def test_a_streamed_greedy_reply_is_the_samplers_greedy_reply():
+    from tasks.chat import reply_stream
+
+    tok = Tokenizer.train(["Uppercase: dog DOG", "Add 2 and 3 5", "the cat sat on the mat"] * 3, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    for message in ("Uppercase: dog", "Add 2 and 3"):
+        streamed = "".join(reply_stream(model, tok, message, temperature=0, max_new_tokens=12))
+        assert streamed == generate_response(model, tok, message, temperature=0, max_new_tokens=12)
+
+
+def test_chat_without_any_trained_policy_says_what_to_run(tmp_path, monkeypatch):
+    from tasks.chat import resolve_chat_model
+
+    monkeypatch.setenv("INSTRUCTFLOW_STATE_DIR", str(tmp_path / "state"))
+    with pytest.raises(InstructflowError, match="no trained policy to chat with"):
+        resolve_chat_model(None, None)

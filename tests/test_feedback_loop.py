@@ -1,0 +1,220 @@
+"""The feedback loop for real: Prefect (test harness), Label Studio, Ray Train and MLflow running the `rlhf` flow.
+
+Two rounds of sample -> rank (the simulated labeler, through Label Studio's API) -> reward model -> PPO -> judge ->
+promote on a tiny model; a re-run reuses every stage; a PPO worker killed mid-run resumes from its checkpoint; bad
+comparisons and mismatched models are refused before any training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from labelstudio_server import labelstudio_template, server_from_template  # noqa: F401 (a fixture)
+from model.errors import InstructflowError
+from tasks import tracking
+from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
+from tasks.settings import state_dir
+
+SAMPLE = SampleParams(n_prompts=16, k=3, max_new_tokens=6)
+RANK = RankParams(project="feedback loop test", labeler="simulated", noise=0.0, wait="collect", dataset="loop",
+                  round="test")
+REWARD = RewardParams(dataset="loop", learning_rate=1e-3, batch_size=4, eval_every=2, val_fraction=0.5)
+PPO = PPOParams(n_prompts=32, total_episodes=32, batch_size=16, mini_batches=2, learning_rate=1e-3, max_new_tokens=6,
+                checkpoint_every=1)
+JUDGE = JudgeParams(n_prompts=8, max_new_tokens=6, kl_samples=2)
+
+
+@pytest.fixture(scope="module")
+def services(labelstudio_template, tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    server = server_from_template(labelstudio_template, tmp_path_factory.mktemp("labelstudio")).start()
+    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
+    os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"] = server.url, server.credentials["token"]
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield server
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> tuple[str, str]:
+    """A tiny chat model (random weights stand in for SFT) and its tokenizer, trained on the verifiable prompts."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.tokenizer import Tokenizer
+    from tasks.demonstrations import verifiable_demonstrations
+
+    out = tmp_path_factory.mktemp("sft")
+    demos = verifiable_demonstrations(200, 20)
+    tokenizer = Tokenizer.train([f"{d.prompt} {d.response}" for d in demos.train], vocab_size=400)
+    tokenizer.save(out / "tokenizer.json")
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32,
+                                  dropout=0.0)), out / "checkpoint")
+    return str(out / "checkpoint"), str(out / "tokenizer.json")
+
+
+def stage_runs(stage: str):
+    return tracking.client().search_runs([tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = '{stage}'")
+
+
+def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(services, sft_model):
+    from flows.rlhf import rlhf
+
+    sft, tokenizer = sft_model
+    result = rlhf(sft, tokenizer, 2, sample_params=SAMPLE, rank_params=RANK, reward_params=REWARD, ppo_params=PPO,
+                  judge_params=JUDGE)
+    first, second = result["rounds"]
+    assert first["round"] == "test.1" and second["round"] == "test.2"
+    assert first["new_comparisons"] > 0 and second["new_comparisons"] > 0
+    client = tracking.client()
+
+    # round 2 sampled from round 1's policy, and its reward model saw both rounds' comparisons
+    samples = pd.read_parquet(second["samples"])
+    assert samples["policy"].unique().tolist() == [first["policy"]]
+    rm_runs = {r.data.tags[tracking.OUTPUT_TAG]: r for r in stage_runs("reward")}
+    assert rm_runs[second["reward"]].data.tags["instructflow.comparisons_version"] == "2"
+    assert int(rm_runs[second["reward"]].data.params["train_rankings"]) > int(rm_runs[first["reward"]].data.params["train_rankings"])
+    info = json.loads((Path(second["reward"]) / "reward.json").read_text())
+    assert 0 <= info["val_accuracy"] <= 1 and info["gold_pairs"] > 0 and abs(info["raw_std"]) > 0
+    assert client.get_metric_history(rm_runs[second["reward"]].info.run_id, "rm/loss")
+
+    # PPO logged under the reference implementations' names, against SFT as its reference
+    ppo_runs = {r.data.tags[tracking.OUTPUT_TAG]: r for r in stage_runs("ppo")}
+    metrics = ppo_runs[second["policy"]].data.metrics
+    for name in ("ppo/objective/kl", "ppo/objective/scores", "ppo/policy/approxkl", "ppo/policy/clipfrac",
+                 "ppo/val/vpred", "ppo/episodes_per_s", "ppo/time/generation", "ppo/time/scoring", "ppo/time/update"):
+        assert name in metrics
+    assert ppo_runs[second["policy"]].data.tags["instructflow.input.policy"] == first["policy"]
+    assert ppo_runs[second["policy"]].data.tags["instructflow.input.sft"] == sft
+
+    # judged against SFT on held-out prompts nobody ranked; champion only on a win
+    judged = json.loads(Path(second["judgement"]).read_text())
+    assert judged["prompts"] == 8 and 0 <= judged["win_rate"] <= 1 and judged["kl_to_sft"] == judged["kl_to_sft"]
+    table = json.loads((Path(second["judgement"]).parent / "samples.json").read_text())
+    ranked_prompts = set(pd.read_parquet(first["samples"])["prompt"]) | set(samples["prompt"])
+    assert not {row["prompt"] for row in table} & ranked_prompts
+    policies = client.search_model_versions("name='policy'")
+    assert len(policies) == 2 and len(client.search_model_versions("name='reward'")) == 2
+    for r in result["rounds"]:
+        vs_champion = json.loads(Path(r["promotion"]["judgement"]).read_text())
+        assert r["promotion"]["promoted"] == (vs_champion["win_rate"] > 0.5)
+    champion = tracking.alias_version("policy", "champion")
+    promoted = [r["promotion"]["version"] for r in result["rounds"] if r["promotion"]["promoted"]]
+    assert (champion.version if champion else None) == (promoted[-1] if promoted else None)
+
+    # the re-run: nothing recomputed, nothing registered twice, no comparison duplicated
+    counts = {s: len(stage_runs(s)) for s in ("sample", "reward", "ppo", "judge")}
+    again = rlhf(sft, tokenizer, 2, sample_params=SAMPLE, rank_params=RANK, reward_params=REWARD, ppo_params=PPO,
+                 judge_params=JUDGE)
+    assert [r["policy"] for r in again["rounds"]] == [first["policy"], second["policy"]]
+    assert all(r["new_comparisons"] == 0 for r in again["rounds"])
+    assert {s: len(stage_runs(s)) for s in counts} == counts
+    assert len(client.search_model_versions("name='policy'")) == 2
+    assert [r["promotion"] for r in again["rounds"]] == [r["promotion"] for r in result["rounds"]]
+    after = tracking.alias_version("policy", "champion")
+    assert (after.version if after else None) == (champion.version if champion else None)
+
+
+def _kill_ppo_worker_after_first_checkpoint(started: float, stop: threading.Event) -> int | None:
+    results = state_dir() / "ray_results"
+    while not stop.is_set():
+        fresh = [p for p in results.glob("ppo-*/checkpoint_manager_snapshot.json") if p.stat().st_mtime > started]
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+        if fresh and workers:
+            workers[0].kill()
+            return workers[0].pid
+        time.sleep(0.05)
+    return None
+
+
+def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(services, sft_model):
+    from flows.stages import ppo_flow, reward_flow
+
+    sft, tokenizer = sft_model
+    reward_uri = reward_flow(sft, tokenizer, REWARD)  # reused from the rounds above when they ran first
+    params = PPO.model_copy(update={"total_episodes": 160, "max_failures": 0, "seed": 11})
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ppo_flow(reward_uri, sft, None, tokenizer, params)
+        except BaseException as e:  # its only worker is killed and no restart is allowed
+            failures.append(e)
+
+    started, stop = time.time(), threading.Event()
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = _kill_ppo_worker_after_first_checkpoint(started, stop)
+    thread.join(timeout=600)
+    stop.set()
+    assert killed is not None and failures, "the PPO worker was not killed mid-run"
+
+    policy = ppo_flow(reward_uri, sft, None, tokenizer, params)  # the re-run continues the failed MLflow run
+    runs = [r for r in stage_runs("ppo") if r.data.params.get("seed") == "11"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    resumed = tracking.client().get_metric_history(runs[0].info.run_id, "ppo/resumed_from")
+    assert resumed and resumed[0].value >= 16  # at least one rollout batch was not redone
+    episodes = sorted(m.step for m in tracking.client().get_metric_history(runs[0].info.run_id, "ppo/objective/kl"))
+    assert episodes == sorted(set(episodes)) and episodes[-1] == 160  # every batch logged once
+    import torch
+
+    extra = torch.load(Path(policy) / "extra.pt", weights_only=False)
+    assert extra["episodes"] == 160 and extra["resumed_from"] >= 16
+
+
+def write_comparisons(name: str, rows: list[dict]) -> None:
+    from tasks.feedback import comparisons_dir
+    from tasks.ranking import append_comparisons
+
+    base = {"task_key": "k", "task_id": 1, "annotation_id": 1, "annotator": 1, "chosen_rank": 1, "rejected_rank": 2,
+            "lead_time": 1.0, "created_at": "2026-01-01", "updated_at": "2026-01-01", "simulated": True}
+    append_comparisons(comparisons_dir(name), [{**base, **row} for row in rows])
+
+
+def test_bad_comparisons_and_mismatched_models_are_refused_before_training(services, sft_model, tmp_path):
+    from flows.stages import ppo_flow, reward_flow
+
+    sft, tokenizer = sft_model
+    with pytest.raises(InstructflowError, match="empty: rank some responses first"):
+        reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "never-ranked"}))
+
+    samples = tmp_path / "samples.parquet"
+    pd.DataFrame([{"prompt": "Add 1 and 2", "response": "3", "draw": 0, "seed": 1, "policy": "p", "run_id": "run"},
+                  {"prompt": "Add 1 and 2", "response": "4", "draw": 1, "seed": 2, "policy": "p", "run_id": "run"}]
+                 ).to_parquet(samples)
+    origin = json.dumps({"samples": str(samples), "round": "r"})
+    write_comparisons("unknown-response", [{"prompt": "Add 1 and 2", "chosen": "3", "rejected": "5",
+                                            "chosen_id": "run:0", "rejected_id": "run:7", "origin": origin}])
+    before = len(stage_runs("reward"))
+    with pytest.raises(InstructflowError, match="unknown response"):
+        reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "unknown-response"}))
+    assert len(stage_runs("reward")) == before  # refused before a run or a worker started
+
+    # a reward model trained for another vocabulary cannot judge this policy
+    import torch
+
+    from model.config import GPTConfig
+    from model.reward import RewardModel, save_reward_model
+
+    torch.manual_seed(0)
+    other = save_reward_model(RewardModel(GPTConfig(vocab_size=999, block_size=64, n_layer=1, n_head=2, n_embd=32)),
+                              tmp_path / "other-rm")
+    with pytest.raises(InstructflowError, match="vocabulary"):
+        ppo_flow(str(other), sft, None, tokenizer, PPO)
