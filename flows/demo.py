@@ -109,6 +109,7 @@ def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
           f"{sft_metrics['best_val_loss']:.3f} at step {sft_metrics['best_step']} of {sft_metrics['steps']}")
     print_feedback_round(round_1)
     print(f"\ncheckpoint: {result['checkpoint']}")
+    print("chat with the result (policy@champion, else the SFT model):\n  .venv/bin/instructflow chat")
     print(f"open the MLflow UI on this state:\n  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000 "
           f"--backend-store-uri {mlflow_tracking_uri()}")
     return result

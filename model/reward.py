@@ -36,6 +36,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_directory
 from model.gpt import GPT
+from model.sft import lr_at  # warmup, then cosine decay to min_lr_ratio (RewardConfig has the same fields)
 from model.train import make_optimizer
 
 KIND = "reward"  # written into a saved reward model's reward.json, so a policy checkpoint is never read as one
@@ -285,14 +286,6 @@ class RewardConfig:
 
     def total_steps(self, n_rankings: int) -> int:
         return math.ceil(n_rankings / self.batch_size) * self.epochs
-
-
-def lr_at(step: int, total_steps: int, cfg: RewardConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
 
 
 def step_rankings(n: int, step: int, cfg: RewardConfig, rank: int = 0, world_size: int = 1) -> list[int]:

@@ -22,7 +22,6 @@ with an attention mask; the logits at positions P − 1 ... P + R − 2 predict 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model.errors import InstructflowError
 from model.generate import generate

@@ -35,6 +35,17 @@ def _fetch(fetch: Callable[[], Path]) -> Path:
         return fetch()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended cores (use with pytest.mark.usefixtures)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def gpt2_ranks() -> Path:
     """OpenAI's GPT-2 ranks file (`gpt2.tiktoken`), through tasks.carriers like the pipeline gets it."""

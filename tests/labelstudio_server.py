@@ -133,3 +133,20 @@ def labelstudio_server(labelstudio_template: Path, tmp_path: Path):
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def labelstudio_and_prefect(labelstudio_template, tmp_path_factory):
+    """A Label Studio server for the module (LABEL_STUDIO_URL/API_KEY point at it) inside Prefect's test harness."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    server = server_from_template(labelstudio_template, tmp_path_factory.mktemp("labelstudio")).start()
+    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
+    os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"] = server.url, server.credentials["token"]
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield server
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.stop()

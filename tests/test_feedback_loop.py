@@ -8,20 +8,18 @@ comparisons and mismatched models are refused before any training.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
-from labelstudio_server import labelstudio_template, server_from_template  # noqa: F401 (a fixture)
+from labelstudio_server import labelstudio_and_prefect, labelstudio_template  # noqa: F401 (fixtures)
 from model.errors import InstructflowError
+from ray_faults import kill_worker_after_first_checkpoint
 from tasks import tracking
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
-from tasks.settings import state_dir
 
 SAMPLE = SampleParams(n_prompts=16, k=3, max_new_tokens=6)
 RANK = RankParams(project="feedback loop test", labeler="simulated", noise=0.0, wait="collect", dataset="loop",
@@ -33,19 +31,8 @@ JUDGE = JudgeParams(n_prompts=8, max_new_tokens=6, kl_samples=2)
 
 
 @pytest.fixture(scope="module")
-def services(labelstudio_template, tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    server = server_from_template(labelstudio_template, tmp_path_factory.mktemp("labelstudio")).start()
-    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
-    os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"] = server.url, server.credentials["token"]
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield server
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
+def services(labelstudio_and_prefect):
+    return labelstudio_and_prefect
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +118,6 @@ def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(services, sft_model
     assert (after.version if after else None) == (champion.version if champion else None)
 
 
-def _kill_ppo_worker_after_first_checkpoint(started: float, stop: threading.Event) -> int | None:
-    results = state_dir() / "ray_results"
-    while not stop.is_set():
-        fresh = [p for p in results.glob("ppo-*/checkpoint_manager_snapshot.json") if p.stat().st_mtime > started]
-        workers = [p for p in psutil.process_iter(["cmdline"])
-                   if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
-        if fresh and workers:
-            workers[0].kill()
-            return workers[0].pid
-        time.sleep(0.05)
-    return None
-
-
 def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(services, sft_model):
     from flows.stages import ppo_flow, reward_flow
 
@@ -161,7 +135,7 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(services, sft_model):
     started, stop = time.time(), threading.Event()
     thread = threading.Thread(target=run)
     thread.start()
-    killed = _kill_ppo_worker_after_first_checkpoint(started, stop)
+    killed = kill_worker_after_first_checkpoint("ppo", started, stop)
     thread.join(timeout=600)
     stop.set()
     assert killed is not None and failures, "the PPO worker was not killed mid-run"

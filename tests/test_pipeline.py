@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from ray_faults import kill_worker_after_first_checkpoint
 from tasks import tracking
 from tasks.params import IngestParams, PretrainParams, TokenizerParams
 from tasks.settings import state_dir
@@ -91,24 +91,6 @@ def test_pipeline_runs_every_stage_then_reuses_them(prefect_api, corpus):
         assert len(stage_runs(stage)) == 1  # nothing recomputed
 
 
-def _kill_worker_after_first_checkpoint(started: float, stop: threading.Event) -> int | None:
-    """Wait until Ray Train has committed a checkpoint of this run, then SIGKILL its worker; returns the pid.
-
-    A checkpoint counts once the controller has written it into its snapshot: a checkpoint directory that
-    exists but is not yet registered would not be restored (and a real crash there loses those steps).
-    """
-    results = state_dir() / "ray_results"
-    while not stop.is_set():
-        fresh = [p for p in results.glob("pretrain-*/checkpoint_manager_snapshot.json") if p.stat().st_mtime > started]
-        workers = [p for p in psutil.process_iter(["cmdline"])  # Ray renames its worker processes
-                   if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
-        if fresh and workers:
-            workers[0].kill()
-            return workers[0].pid
-        time.sleep(0.05)
-    return None
-
-
 def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, corpus):
     from flows.pipeline import pipeline
 
@@ -125,7 +107,7 @@ def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, 
     started, stop = time.time(), threading.Event()
     thread = threading.Thread(target=run)
     thread.start()
-    killed = _kill_worker_after_first_checkpoint(started, stop)
+    killed = kill_worker_after_first_checkpoint("pretrain", started, stop)
     thread.join(timeout=600)
     stop.set()
     assert killed is not None and failures, "the worker was not killed mid-run"

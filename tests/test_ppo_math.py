@@ -13,13 +13,7 @@ from model.ppo import (EMA, AdaptiveKLController, FixedKLController, check_finit
                        missing_end_penalty, policy_loss, shaped_rewards, value_loss, whiten)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors run faster on one thread than on two contended cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def right_padded_mask(lengths: list[int], T: int) -> torch.Tensor:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pandas as pd
 import pytest
 
-from labelstudio_server import labelstudio_template, server_from_template  # noqa: F401 (a fixture)
+from labelstudio_server import labelstudio_and_prefect, labelstudio_template  # noqa: F401 (fixtures)
 from tasks import tracking
 from tasks.params import RankParams
 
@@ -22,19 +21,8 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def services(labelstudio_template, tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    server = server_from_template(labelstudio_template, tmp_path_factory.mktemp("labelstudio")).start()
-    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
-    os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"] = server.url, server.credentials["token"]
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield server
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
+def services(labelstudio_and_prefect):
+    return labelstudio_and_prefect
 
 
 def samples_file(path, prompts=PROMPTS) -> str:

@@ -21,12 +21,7 @@ STOP, PAD, GOOD = 1, 0, 5
 PROMPTS = [[2, 3], [2, 4], [2, 3, 4], [3]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt(seed: int = 0) -> GPT:

@@ -25,13 +25,7 @@ WRONG = [("Reverse: cat", "cat"), ("Uppercase: dog", "dog"), ("Add 2 and 3", "6"
          ("Repeat ha 3 times", "ha")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run ~10x faster on one thread than on two contended cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
