@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-labelstudio install-browser test demo bench clean
+.PHONY: install install-labelstudio install-browser test demo bench deploy clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.pretrain
 	$(BIN)/python -m bench.rlhf
+
+# Register prefect.yaml's deployments on the Prefect server at PREFECT_API_URL (work pool INSTRUCTFLOW_WORK_POOL,
+# default instructflow; the feedback round's cron stays off unless INSTRUCTFLOW_FEEDBACK_SCHEDULE=true).
+deploy: $(STAMP)
+	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL to a running Prefect server (e.g. http://127.0.0.1:4200/api)"; exit 2; }
+	INSTRUCTFLOW_WORK_POOL=$${INSTRUCTFLOW_WORK_POOL:-instructflow} \
+	INSTRUCTFLOW_FEEDBACK_SCHEDULE=$${INSTRUCTFLOW_FEEDBACK_SCHEDULE:-false} \
+	$(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .instructflow-test
