@@ -123,12 +123,6 @@ class Rollout:
     scores: torch.Tensor | None = None  # (B,) reward-model score (with the missing-end penalty)
     raw_scores: torch.Tensor | None = None  # (B,) reward-model score alone
 
-    @property
-    def responses(self) -> list[list[int]]:
-        R = self.mask.size(1)
-        rows = self.idx[:, self.prompt_len:]
-        return [rows[b, :int(self.mask[b].sum())].tolist() for b in range(rows.size(0)) if R]
-
     def select(self, rows: torch.Tensor) -> Rollout:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Rollout(self.idx[rows], self.attention_mask[rows], self.prompt_len, self.mask[rows], self.ended[rows],
@@ -228,15 +222,19 @@ def iteration_prompts(n: int, iteration: int, cfg: PPOConfig, rank: int, world_s
     """The prompt indices worker `rank` answers at `iteration`: epochs over the prompts, each freshly shuffled."""
     local = cfg.local_batch(world_size)
     start = iteration * cfg.batch_size + rank * local
+    orders: dict[int, list[int]] = {}  # epoch -> that epoch's permutation of the prompts
     out = []
     for position in range(start, start + local):
         epoch, i = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        out.append(int(order[i]))
+        if epoch not in orders:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            orders[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(orders[epoch][i])
     return out
 
 
-def ptx_batch(tokens: torch.Tensor, cfg: PPOConfig, iteration: int, minibatch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ptx_batch(tokens: torch.Tensor, cfg: PPOConfig, iteration: int, minibatch: int,
+              rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of the pretraining token stream for PPO-ptx, fixed by (seed, iteration, minibatch, rank)."""
     if tokens.numel() <= cfg.ptx_seq_len + 1:
         raise InstructflowError(f"the pretraining tokens for PPO-ptx ({tokens.numel()}) are fewer than one window of "

@@ -177,7 +177,8 @@ def collect_comparisons(project_id: int, project: str, dataset: str, parent_run_
         raise
     tracking.finish_stage_run(run_id, str(version or out))
     ended_with = round_version(out, round_name, appended=version is not None) if round_name else None
-    return {"dataset": str(out), "version": str(version) if version else None, "round_version": ended_with, "new_rows": 0 if version is None else
+    return {"dataset": str(out), "version": str(version) if version else None, "round_version": ended_with,
+            "new_rows": 0 if version is None else
             manifest["versions"][-1]["rows"], "stats": {k: v for k, v in stats.items() if k != "problems"},
             "mlflow_run_id": run_id}
 

@@ -210,7 +210,8 @@ class RewardParams(Params):
     max_failures: int = Field(1, ge=0)
     seed: int = 0
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+    # the comparisons enter the key as a digest of the versions trained on, whichever way the version was named
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "version"})
 
 
 class PPOParams(Params):

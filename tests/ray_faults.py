@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -27,3 +28,23 @@ def kill_worker_after_first_checkpoint(run_prefix: str, started: float, stop: th
             return workers[0].pid
         time.sleep(0.05)
     return None
+
+
+def run_killing_a_worker(run: Callable[[], object], run_prefix: str, timeout: float = 600) -> tuple[int | None, list]:
+    """Call `run` in a thread and SIGKILL its Ray Train worker after the first committed checkpoint of a run named
+    `run_prefix`-*; returns (the killed pid or None, the exceptions `run` raised: it must fail, restarts being off)."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as e:  # noqa: BLE001 (the failure is what the caller checks)
+            failures.append(e)
+
+    started, stop = time.time(), threading.Event()
+    thread = threading.Thread(target=target)
+    thread.start()
+    killed = kill_worker_after_first_checkpoint(run_prefix, started, stop)
+    thread.join(timeout=timeout)
+    stop.set()
+    return killed, failures

@@ -8,8 +8,6 @@ comparisons and mismatched models are refused before any training.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +15,7 @@ import pytest
 
 from labelstudio_server import labelstudio_and_prefect, labelstudio_template  # noqa: F401 (fixtures)
 from model.errors import InstructflowError
-from ray_faults import kill_worker_after_first_checkpoint
+from ray_faults import run_killing_a_worker
 from tasks import tracking
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
 
@@ -60,12 +58,21 @@ def stage_runs(stage: str):
     return tracking.client().search_runs([tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = '{stage}'")
 
 
-def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(services, sft_model):
+@pytest.fixture(scope="module")
+def two_rounds(services, sft_model) -> dict:
+    """Two feedback rounds of the rlhf flow on the tiny model (the comparisons the other tests train on)."""
     from flows.rlhf import rlhf
 
     sft, tokenizer = sft_model
-    result = rlhf(sft, tokenizer, 2, sample_params=SAMPLE, rank_params=RANK, reward_params=REWARD, ppo_params=PPO,
-                  judge_params=JUDGE)
+    return rlhf(sft, tokenizer, 2, sample_params=SAMPLE, rank_params=RANK, reward_params=REWARD, ppo_params=PPO,
+                judge_params=JUDGE)
+
+
+def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(two_rounds, sft_model):
+    from flows.rlhf import rlhf
+
+    sft, tokenizer = sft_model
+    result = two_rounds
     first, second = result["rounds"]
     assert first["round"] == "test.1" and second["round"] == "test.2"
     assert first["new_comparisons"] > 0 and second["new_comparisons"] > 0
@@ -76,7 +83,8 @@ def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(services, sft_model
     assert samples["policy"].unique().tolist() == [first["policy"]]
     rm_runs = {r.data.tags[tracking.OUTPUT_TAG]: r for r in stage_runs("reward")}
     assert rm_runs[second["reward"]].data.tags["instructflow.comparisons_version"] == "2"
-    assert int(rm_runs[second["reward"]].data.params["train_rankings"]) > int(rm_runs[first["reward"]].data.params["train_rankings"])
+    train_rankings = [int(rm_runs[r["reward"]].data.params["train_rankings"]) for r in (first, second)]
+    assert train_rankings[1] > train_rankings[0]
     info = json.loads((Path(second["reward"]) / "reward.json").read_text())
     assert 0 <= info["val_accuracy"] <= 1 and info["gold_pairs"] > 0 and abs(info["raw_std"]) > 0
     assert client.get_metric_history(rm_runs[second["reward"]].info.run_id, "rm/loss")
@@ -118,26 +126,14 @@ def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(services, sft_model
     assert (after.version if after else None) == (champion.version if champion else None)
 
 
-def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(services, sft_model):
+def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(two_rounds, sft_model):
     from flows.stages import ppo_flow, reward_flow
 
     sft, tokenizer = sft_model
-    reward_uri = reward_flow(sft, tokenizer, REWARD)  # reused from the rounds above when they ran first
+    reward_uri = reward_flow(sft, tokenizer, REWARD)  # on all comparisons of the two rounds
     params = PPO.model_copy(update={"total_episodes": 160, "max_failures": 0, "seed": 11})
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            ppo_flow(reward_uri, sft, None, tokenizer, params)
-        except BaseException as e:  # its only worker is killed and no restart is allowed
-            failures.append(e)
-
-    started, stop = time.time(), threading.Event()
-    thread = threading.Thread(target=run)
-    thread.start()
-    killed = kill_worker_after_first_checkpoint("ppo", started, stop)
-    thread.join(timeout=600)
-    stop.set()
+    # the stage must fail: its only worker is killed and no restart is allowed
+    killed, failures = run_killing_a_worker(lambda: ppo_flow(reward_uri, sft, None, tokenizer, params), "ppo")
     assert killed is not None and failures, "the PPO worker was not killed mid-run"
 
     policy = ppo_flow(reward_uri, sft, None, tokenizer, params)  # the re-run continues the failed MLflow run

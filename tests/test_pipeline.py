@@ -6,13 +6,11 @@ One session-wide corpus; each test runs the `pipeline` flow and checks what MLfl
 from __future__ import annotations
 
 import collections
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from ray_faults import kill_worker_after_first_checkpoint
+from ray_faults import run_killing_a_worker
 from tasks import tracking
 from tasks.params import IngestParams, PretrainParams, TokenizerParams
 from tasks.settings import state_dir
@@ -96,20 +94,8 @@ def test_killed_worker_then_rerun_resumes_from_the_last_checkpoint(prefect_api, 
 
     ingest = corpus_ingest(corpus)
     params = TINY.model_copy(update={"max_steps": 800, "checkpoint_every": 25, "eval_every": 500, "max_failures": 0})
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pipeline(ingest, TOKENIZER, params)
-        except BaseException as e:  # the flow must fail: its only worker was killed and no restart is allowed
-            failures.append(e)
-
-    started, stop = time.time(), threading.Event()
-    thread = threading.Thread(target=run)
-    thread.start()
-    killed = kill_worker_after_first_checkpoint("pretrain", started, stop)
-    thread.join(timeout=600)
-    stop.set()
+    # the flow must fail: its only worker is killed and no restart is allowed
+    killed, failures = run_killing_a_worker(lambda: pipeline(ingest, TOKENIZER, params), "pretrain")
     assert killed is not None and failures, "the worker was not killed mid-run"
 
     result = pipeline(ingest, TOKENIZER, params)  # the re-run: same inputs and config
