@@ -9,9 +9,8 @@ over the response, averaged over samples.
 
 from __future__ import annotations
 
-import torch
-
 from model.checkpoint import load_checkpoint
+from model.generate import generate
 from model.reward import load_reward_model, score
 from model.rlhf import sequence_kl
 from model.sft import chat_tokens, generate_responses, render
@@ -32,7 +31,6 @@ def judge_policies(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri:
     from tasks.demonstrations import check, family_of
     from tasks.feedback import verifiable_preference
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = Tokenizer.load(tokenizer_uri)
     policy, _ = load_checkpoint(policy_uri)
     baseline, _ = load_checkpoint(baseline_uri)
@@ -58,8 +56,6 @@ def judge_policies(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri:
     # KL(policy || SFT) on the policy's own samples at temperature 1
     chat = chat_tokens(tokenizer)
     queries = [render(tokenizer, p).ids for p in prompts for _ in range(params["kl_samples"])]
-    from model.generate import generate
-
     samples = generate(policy, queries, params["max_new_tokens"], temperature=1.0, stop_tokens=(chat.end, chat.eot),
                        pad_token=chat.eot, seed=params["seed"] + 1)
     kl = sequence_kl(policy, sft, queries, samples, pad=chat.eot, stop_tokens=(chat.end, chat.eot))
