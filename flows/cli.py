@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -14,9 +15,16 @@ class _UserErrorsWithoutTraceback(logging.Filter):
     """Prefect logs a failed task's exception with its traceback; for a user's mistake, the message is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InstructflowError):
+        if record.exc_info and (isinstance(record.exc_info[1], InstructflowError) or _lost_prefect(record.exc_info[1])):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _lost_prefect(error: BaseException | None) -> bool:
+    """The Prefect server at PREFECT_API_URL refused or dropped a request (after the client's own retries)."""
+    import httpx
+
+    return bool(os.environ.get("PREFECT_API_URL")) and isinstance(error, httpx.TransportError)
 
 
 def run_reporting_errors(entry: Callable[[], object]) -> int:
@@ -27,6 +35,13 @@ def run_reporting_errors(entry: Callable[[], object]) -> int:
         entry()
     except InstructflowError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _lost_prefect(e):
+            raise
+        print(f"error: the Prefect server at {os.environ['PREFECT_API_URL']} stopped answering ({e}); start it again "
+              "(`make up`) and re-run: finished stages are reused, and a training stage resumes from its last "
+              "checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -137,6 +137,8 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
         raise
     finally:
         stop.set()
+    log.info("resumed by %s%s; %d of %d tasks ranked", answer.resumed_by, f" ({answer.note})" if answer.note else "",
+             *ranked_tasks(project_id))
     return answer.resumed_by
 
 

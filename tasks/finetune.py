@@ -77,6 +77,7 @@ def worker_loop(job: dict) -> None:
             return
         last = state.history[-1] if state.history else {}
         summary = {"step": state.step, **{k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}}
+        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
         with tempfile.TemporaryDirectory() as staging:
             saved = None
             if rank == 0:
@@ -84,7 +85,6 @@ def worker_loop(job: dict) -> None:
                 save_task_model(model, Path(staging) / "checkpoint", job["labels"], extra=extra)
                 saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
             ray.train.report(summary, checkpoint=saved)
-        metrics.flush()
 
     with runtime.autocast_factory():
         finetune_loop(ddp, train_examples, test_examples, cfg, pad=job["pad"], n_classes=job["n_classes"],

@@ -98,6 +98,7 @@ def worker_loop(job: dict) -> None:
     def on_iteration_end(state: PPOState, ema: EMA | None) -> None:
         if state.iteration % job["checkpoint_every"] and state.iteration != cfg.iterations:
             return
+        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
         with tempfile.TemporaryDirectory() as staging:
             saved = None
             if rank == 0:
@@ -108,7 +109,6 @@ def worker_loop(job: dict) -> None:
                 torch.save(value.state_dict(), Path(staging) / "checkpoint" / "value.pt")
                 saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
             ray.train.report({"iteration": state.iteration, "episodes": state.episodes}, checkpoint=saved)
-        metrics.flush()
 
     state, ema = ppo_loop(ddp_policy, ref, ddp_value, reward, prompts, cfg, pad=job["pad"],
                           stop_tokens=job["stop_tokens"], policy_optimizer=policy_optimizer,

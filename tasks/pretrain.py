@@ -174,6 +174,7 @@ def worker_loop(job: dict) -> None:
             return
         last = state.history[-1] if state.history else {}
         summary = {"step": state.step, **{k: last[k] for k in ("loss", "val_loss") if k in last}}
+        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
         with tempfile.TemporaryDirectory() as staging:
             checkpoint = None
             if rank == 0:
@@ -181,7 +182,6 @@ def worker_loop(job: dict) -> None:
                 save_checkpoint(model, Path(staging) / "checkpoint", extra=extra)
                 checkpoint = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
             ray.train.report(summary, checkpoint=checkpoint)  # every rank reports: it is a barrier
-        metrics.flush()
 
     train(ddp, train_tokens, val_tokens, cfg, log=metrics.add, state=state, optimizer=optimizer,
           on_step_end=report, autocast=runtime.autocast_factory, rank=rank)

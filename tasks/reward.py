@@ -186,6 +186,7 @@ def worker_loop(job: dict) -> None:
     def on_step_end(state: RewardState) -> None:
         if state.step % job["checkpoint_every"] and state.step != total:
             return
+        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
         with tempfile.TemporaryDirectory() as staging:
             saved = None
             if rank == 0:
@@ -193,7 +194,6 @@ def worker_loop(job: dict) -> None:
                 torch.save({"optimizer": optimizer.state_dict(), "step": state.step}, directory / "extra.pt")
                 saved = ray.train.Checkpoint.from_directory(str(directory))
             ray.train.report({"step": state.step}, checkpoint=saved)
-        metrics.flush()
 
     train_reward(ddp, data["train"], data["val"], cfg, pad=job["pad"], log=metrics.add, state=state,
                  optimizer=optimizer, on_step_end=on_step_end, autocast=runtime.autocast_factory, rank=rank,

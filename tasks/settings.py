@@ -14,6 +14,7 @@ Tokens are never read here into code paths that log: they stay in the environmen
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,9 +62,27 @@ def ray_temp_dir() -> Path:
     return state_dir() / "ray"
 
 
+def service_endpoints() -> dict[str, str]:
+    """The servers `make up` started for this state dir (PREFECT_API_URL, MLFLOW_TRACKING_URI, maybe RAY_ADDRESS).
+
+    `make up` writes <state>/services/endpoints.json and `make down` removes it, so between the two every command
+    uses the servers, and otherwise the embedded defaults. If a server dies meanwhile, commands fail with a message
+    naming it (rather than silently splitting the history between a server and the embedded store).
+    """
+    path = state_dir() / "services" / "endpoints.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {k: str(v) for k, v in recorded.items() if k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+
+
 def apply_environment() -> None:
-    """Point Prefect, Ray and MLflow at the state dir and turn off their telemetry, unless already set."""
+    """Point Prefect, Ray and MLflow at the state dir (or at the servers `make up` started) and turn off their
+    telemetry, unless already set."""
     state = state_dir()
+    for name, value in service_endpoints().items():
+        os.environ.setdefault(name, value)
     (state / "mlflow").mkdir(exist_ok=True)
     (state / "ray").mkdir(exist_ok=True)
     defaults = {
@@ -81,6 +100,10 @@ def apply_environment() -> None:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri(),
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's client retries a refused request 7 times with doubling waits (minutes); a stage whose server
+        # went away should say so within ~15 s
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "TORCHINDUCTOR_CACHE_DIR": state / "torchinductor",
     }
     for name, value in defaults.items():

@@ -71,6 +71,7 @@ def worker_loop(job: dict) -> None:
         total = job["total_steps"]
         if state.step % job["checkpoint_every"] and state.step != total:
             return
+        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
         with tempfile.TemporaryDirectory() as staging:
             saved = None
             if rank == 0:
@@ -81,7 +82,6 @@ def worker_loop(job: dict) -> None:
             summary = {"step": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
                        "truncated": state.truncated}
             ray.train.report(summary, checkpoint=saved)
-        metrics.flush()
 
     state = sft_loop(ddp, train_rows, val_rows, cfg, pad=job["pad"], log=metrics.add, state=state, optimizer=optimizer,
                      on_step_end=on_step_end, autocast=runtime.autocast_factory, rank=rank, world_size=world)

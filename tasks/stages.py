@@ -29,7 +29,21 @@ from tasks.settings import stage_dir
 
 def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
                  build: Callable[[str, Path], Path]) -> str:
-    """Return the output URI of `stage` for `key`, building it with build(run_id, out_dir) unless cached."""
+    """Return the output URI of `stage` for `key`, building it with build(run_id, out_dir) unless cached.
+
+    If the MLflow server stops answering, the stage fails with one clear message; its run stays unfinished (or is
+    marked failed), and a re-run once MLflow is back continues that same run instead of starting a second one.
+    """
+    try:
+        return _cached_stage(stage, key, params, parent_run_id, build)
+    except Exception as error:
+        if tracking.unreachable(error):
+            raise tracking.outage_error(stage) from None
+        raise
+
+
+def _cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
+                  build: Callable[[str, Path], Path]) -> str:
     previous = tracking.find_stage_run(stage, key)
     if previous is not None and previous.finished and previous.output_uri and Path(previous.output_uri).exists():
         get_run_logger().info("%s: inputs and config unchanged, reusing MLflow run %s", stage, previous.run_id)
@@ -42,8 +56,9 @@ def cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
         run_id = tracking.create_stage_run(stage, key, params, parent_run_id)
     try:
         output = build(run_id, stage_dir(stage, key))
-    except BaseException:
-        tracking.fail_stage_run(run_id)
+    except BaseException as error:
+        if not tracking.unreachable(error):  # with MLflow down the run stays RUNNING; a re-run reopens it anyway
+            tracking.fail_stage_run(run_id)
         raise
     tracking.finish_stage_run(run_id, str(output))
     return str(output)
@@ -365,7 +380,11 @@ def pipeline_run(name: str, params: dict) -> Iterator[str]:
     run_id = tracking.start_pipeline_run(name, params)
     try:
         yield run_id
-    except BaseException:
-        tracking.fail_stage_run(run_id)
+    except BaseException as error:
+        try:
+            tracking.fail_stage_run(run_id)
+        except Exception:
+            if not tracking.unreachable(error):  # MLflow is down: the stage's own clear message is the one to show
+                raise
         raise
     tracking.client().set_terminated(run_id, "FINISHED")

@@ -27,6 +27,32 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=mlflow_tracking_uri())
 
 
+OUTAGE = "stopped answering"  # in every outage message, so one raised inside a Ray worker is recognised outside it
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it, or a Ray worker's error quoted in it) is the MLflow server not answering.
+
+    MLflow's REST client retries a refused or timed-out request a few times, then raises an MlflowException
+    quoting the connection error; a stage on Ray sees it quoted inside the trainer's error.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        if OUTAGE in text or ("API request to" in text and ("Max retries exceeded" in text or "Connection" in text)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def outage_error(stage: str) -> InstructflowError:
+    return InstructflowError(
+        f"the MLflow server at {mlflow_tracking_uri()} {OUTAGE} during the {stage} stage; start it again "
+        f"(`make up`) and re-run: finished stages are reused and {stage} continues its MLflow run from its last "
+        "checkpoint"
+    )
+
+
 def experiment_id() -> str:
     """The project's experiment, created on first use (artifacts in the state dir for the embedded store)."""
     tracking = client()
@@ -157,11 +183,19 @@ class MetricBuffer:
         log_metrics(self.run_id, {f"{self.prefix}resumed_from": step}, step=step)
 
     def flush(self) -> None:
+        """Send what is pending. Workers flush BEFORE reporting a checkpoint: if MLflow is down, the job fails
+        without that checkpoint, so a resumed run recomputes (and logs) these steps instead of losing them."""
         now = int(time.time() * 1000)
         batch = [Metric(f"{self.prefix}{k}", float(v), now, step) for metrics, step in self.pending
                  for k, v in metrics.items()]
-        for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
-            client().log_batch(self.run_id, metrics=batch[start:start + 1000])
+        try:
+            for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+                client().log_batch(self.run_id, metrics=batch[start:start + 1000])
+        except MlflowException as error:
+            if unreachable(error):
+                raise InstructflowError(f"the MLflow server at {mlflow_tracking_uri()} {OUTAGE} while a training "
+                                        "job logged its metrics") from None
+            raise
         if self.pending:
             self.logged_through = self.pending[-1][1]
         self.pending.clear()
@@ -184,9 +218,18 @@ def register_model(run_id: str, name: str, python_model: str, artifacts: Mapping
                    aliases: tuple[str, ...] = ()) -> str:
     """Log a pyfunc model (a "models from code" file in tasks/) with its artifacts in `run_id`, register it as
     `name`; returns the version. Every call adds a version; `models:/NAME/latest` is always the newest (MLflow
-    reserves the alias "latest" for that), other aliases are set here."""
+    reserves the alias "latest" for that), other aliases are set here.
+
+    A run registers a model name once: a stage re-run after a failure past this point (MLflow went away before the
+    run was marked finished, say) gets the version it already registered rather than a duplicate."""
     import mlflow
 
+    earlier = client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if earlier:
+        version = str(min(int(v.version) for v in earlier))
+        for alias in aliases:
+            client().set_registered_model_alias(name, alias, version)
+        return version
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -12,12 +12,18 @@ from model.sft import generate_response
 from model.tokenizer import Tokenizer
 
 
-def test_a_streamed_greedy_reply_is_the_samplers_greedy_reply():
-    from tasks.chat import reply_stream
-
+def tiny_chat_model() -> tuple[GPT, Tokenizer]:
+    """A random-weight chat model (64-token context) and a tokenizer with the chat tokens: seconds to build."""
     tok = Tokenizer.train(["Uppercase: dog DOG", "Add 2 and 3 5", "the cat sat on the mat"] * 3, vocab_size=300)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    return model, tok
+
+
+def test_a_streamed_greedy_reply_is_the_samplers_greedy_reply():
+    from tasks.chat import reply_stream
+
+    model, tok = tiny_chat_model()
     for message in ("Uppercase: dog", "Add 2 and 3"):
         streamed = "".join(reply_stream(model, tok, message, temperature=0, max_new_tokens=12))
         assert streamed == generate_response(model, tok, message, temperature=0, max_new_tokens=12)
