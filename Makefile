@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-labelstudio install-browser test demo bench deploy clean
+.PHONY: install install-labelstudio install-browser test demo bench deploy up down status screenshots clean
 
 install: $(STAMP)
 
@@ -46,6 +46,23 @@ deploy: $(STAMP)
 	INSTRUCTFLOW_WORK_POOL=$${INSTRUCTFLOW_WORK_POOL:-instructflow} \
 	INSTRUCTFLOW_FEEDBACK_SCHEDULE=$${INSTRUCTFLOW_FEEDBACK_SCHEDULE:-false} \
 	$(BIN)/prefect --no-prompt deploy --all
+
+# Local servers on 127.0.0.1 (infra/services.py): MLflow, Prefect server + worker, Label Studio; RAY=1 adds a Ray head.
+# Ports: MLFLOW_PORT, PREFECT_PORT, LABEL_STUDIO_PORT, RAY_PORT, RAY_DASHBOARD_PORT; state in INSTRUCTFLOW_STATE_DIR.
+SERVICES_RAY = $(if $(filter 1 true yes,$(RAY)),--ray)
+
+up: $(STAMP) install-labelstudio
+	$(BIN)/python -m infra.services up $(SERVICES_RAY)
+
+down: $(STAMP)
+	$(BIN)/python -m infra.services down
+
+status: $(STAMP)
+	@$(BIN)/python -m infra.services status $(SERVICES_RAY)
+
+# Refresh the README's screenshots of the Prefect, Label Studio and MLflow UIs (taken by a real feedback round).
+screenshots: $(STAMP) install-labelstudio install-browser
+	INSTRUCTFLOW_SCREENSHOT_DIR=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q tests/test_team_servers.py -k feedback_round
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .instructflow-test

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     hub = commands.add_parser("import-gpt2", help="turn released GPT-2 weights into a checkpoint + tokenizer")
     hub.add_argument("name", help="hub name (gpt2, gpt2-medium, ...) or a transformers save_pretrained directory")
     hub.add_argument("--out", required=True, help="directory for checkpoint/ and tokenizer.json")
+    cluster = commands.add_parser("cluster-check", help="one DDP step on the Ray cluster (RAY_ADDRESS) compared with "
+                                                        "a single process's gradient; exit 2 when they disagree")
+    cluster.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    cluster.add_argument("--spread", action="store_true", help="place the workers on different nodes (SPREAD)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from flows.demo import demo as run_demo
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_reporting_errors(lambda: _rlhf(args))
     if args.command == "chat":
         return run_reporting_errors(lambda: _chat(args))
+    if args.command == "cluster-check":
+        return run_reporting_errors(lambda: _cluster_check(args))
     return 1
 
 
@@ -178,6 +184,24 @@ def _chat(args: argparse.Namespace) -> None:
 
     chat_session(args.model, args.tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                  message=args.message)
+
+
+def _cluster_check(args: argparse.Namespace) -> None:
+    from tasks.cluster import check_ddp
+
+    if args.workers < 1:
+        raise InstructflowError(f"--workers must be at least 1, got {args.workers}")
+    result = check_ddp(args.workers, "SPREAD" if args.spread else "PACK")
+    print(f"{result['num_workers']} workers ({result['placement_strategy']}) on {result['nodes']} node(s):")
+    for rank, node in enumerate(result["node_ids"]):
+        print(f"  rank {rank}: node {node}")
+    print(f"loss {result['loss']:.4f}; gradient difference to one process: max abs {result['max_abs_diff']:.2e}, "
+          f"relative {result['max_rel_diff']:.2e} (tolerance {result['tolerance']:.0e}; "
+          f"without the all-reduce it would be {result['unsynced_rel_diff']:.2e})")
+    if not result["ok"]:
+        raise InstructflowError("the workers' averaged gradient differs from the single-process one: DDP's "
+                                "all-reduce is not working on this cluster (check the nodes' network and backend)")
+    print("ok: DDP gradients agree")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -58,14 +58,18 @@ class PretrainParams(Params):
     checkpoint_every: int = Field(100, ge=1, description="each Ray checkpoint report costs a round trip")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="PACK: fill one node first; SPREAD: workers on different nodes where possible")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint before failing")
     compile: bool = Field(False, description="torch.compile the model (pays back only over thousands of steps)")
     snapshots: bool = Field(False, description="keep every checkpoint (each checkpoint_every steps) as a snapshot, for curves over pretraining")
     seed: int = 1337
 
     # Resuming is exact (data order is fixed by the step), so how often a run checkpoints or how often it may
-    # restart does not change its result: a re-run with other values continues the same run.
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "compile"})
+    # restart does not change its result: a re-run with other values continues the same run. Where the workers
+    # run does not change it either (each rank's data follows its rank, not its node).
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "compile",
+                                                      "placement_strategy"})
 
 
 class TaskParams(Params):

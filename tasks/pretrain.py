@@ -13,6 +13,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -43,11 +44,78 @@ def ensure_ray() -> None:
         return
     address = ray_address()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _attach_to_cluster(address)
     elif threading.current_thread() is threading.main_thread():
         _start_local_ray()
     else:
         _start_local_ray_in_keeper_thread()
+
+
+def _attach_to_cluster(address: str) -> None:
+    """Connect to the cluster at RAY_ADDRESS; a cluster that is not there, or refuses our token, is a user error.
+
+    Ray retries an unreachable address for minutes, so the port is probed first. Ray sends its auth token to an
+    explicit address only when RAY_AUTH_MODE=token (it enables that by itself for local clusters only): with a
+    token at hand (RAY_AUTH_TOKEN, or the file at RAY_AUTH_TOKEN_PATH) it is turned on here, as Ray does for
+    `address="auto"`. A cluster without token auth ignores the token.
+    """
+    import ray
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray.exceptions import AuthenticationError
+
+    how_to_fix = "start the cluster (`ray start --head --port PORT`), correct RAY_ADDRESS, or unset it for a local Ray"
+    host_port = _host_and_port(address)
+    if host_port is not None and not _accepts_connections(*host_port):
+        raise InstructflowError(f"no Ray cluster answers at RAY_ADDRESS={address}: {how_to_fix}")
+    if "RAY_AUTH_MODE" not in os.environ and _token_at_hand():
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    # Workers on other nodes start with that node's environment: send them where this driver logs to.
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    try:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": forwarded})
+    except (ConnectionError, AuthenticationError) as e:
+        if _refused_for_auth(e):
+            raise InstructflowError(
+                f"the Ray cluster at RAY_ADDRESS={address} refused this driver: it needs the cluster's auth token "
+                f"(`ray get-auth-token` on the head) in the file {os.environ.get('RAY_AUTH_TOKEN_PATH')} "
+                f"(RAY_AUTH_TOKEN_PATH) or in RAY_AUTH_TOKEN"
+            ) from e
+        raise InstructflowError(
+            f"cannot connect to the Ray cluster at RAY_ADDRESS={address} ({e}): {how_to_fix}") from e
+
+
+def _refused_for_auth(error: BaseException | None) -> bool:
+    """Ray reports a refused token as AuthenticationError, or as a RuntimeError quoting InvalidAuthToken, under a
+    ConnectionError."""
+    from ray.exceptions import AuthenticationError
+
+    while error is not None:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _token_at_hand() -> bool:
+    """A Ray auth token in RAY_AUTH_TOKEN or in the (non-empty) file at RAY_AUTH_TOKEN_PATH."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "")
+    return path.is_file() and bool(path.read_text().strip())
+
+
+def _host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of "host:port" or "ray://host:port"; None for "auto" and other forms Ray resolves itself."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+def _accepts_connections(host: str, port: int, timeout: float = 5.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _start_local_ray() -> None:
@@ -91,17 +159,24 @@ def _ensure_ray_token() -> None:
             f.write(secrets.token_hex(32))
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD")
+
+
 def fit_trainer(loop: Callable[[dict], None], job: dict, *, name: str, num_workers: int, use_gpu: bool | None,
-                max_failures: int, keep: int | None = 2):
+                max_failures: int, keep: int | None = 2, placement_strategy: str = "PACK"):
     """Run `loop(job)` as a TorchTrainer named `name` (a new run of the same name resumes its checkpoints).
 
     CPU workers share the node's CPUs between them (job["cpus_per_worker"] tells each how many threads to use);
-    GPU workers keep Ray's default of one CPU. Returns Ray's Result; a failed run raises its error.
+    GPU workers keep Ray's default of one CPU. `placement_strategy` is Ray's: "PACK" fills one node first
+    (fast all-reduce), "SPREAD" puts workers on different nodes where it can (e.g. to test a cluster's network).
+    Returns Ray's Result; a failed run raises its error.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise InstructflowError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {placement_strategy!r}")
     ensure_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -110,7 +185,8 @@ def fit_trainer(loop: Callable[[dict], None], job: dict, *, name: str, num_worke
         loop,
         train_loop_config={**job, "cpus_per_worker": cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus_per_worker},
+                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(state_dir() / "ray_results"),
@@ -209,6 +285,7 @@ def run_pretraining(
     max_failures: int = 1,
     compile_model: bool = False,
     snapshots_dir: Path | None = None,
+    placement_strategy: str = "PACK",
 ) -> Path:
     """Run the TorchTrainer for this key (resuming its latest checkpoint) and copy the final one to output_dir.
 
@@ -223,7 +300,8 @@ def run_pretraining(
         "checkpoint_every": checkpoint_every, "compile": compile_model,
     }
     result = fit_trainer(worker_loop, job, name=f"pretrain-{key}", num_workers=num_workers, use_gpu=use_gpu,
-                         max_failures=max_failures, keep=None if snapshots_dir else 2)
+                         max_failures=max_failures, keep=None if snapshots_dir else 2,
+                         placement_strategy=placement_strategy)
     if result.checkpoint is None:
         raise RuntimeError("the pretraining job ended without a checkpoint")
     for snapshot, metrics in (result.best_checkpoints or []) if snapshots_dir else []:

@@ -143,7 +143,7 @@ def pretrain(tokens_uri: str, params: PretrainParams, parent_run_id: str | None 
             vocab_size=summary["vocab_size"], output_dir=out / "checkpoint", run_id=run_id,
             num_workers=params.num_workers, use_gpu=params.use_gpu, checkpoint_every=params.checkpoint_every,
             max_failures=params.max_failures, compile_model=params.compile,
-            snapshots_dir=out / "snapshots" if params.snapshots else None,
+            snapshots_dir=out / "snapshots" if params.snapshots else None, placement_strategy=params.placement_strategy,
         )
         tokenizer_path = tokens_dir / "tokenizer.json"
         samples = sample_texts(checkpoint, Tokenizer.load(tokenizer_path), ["\n", "The "], max_new_tokens=64)
