@@ -10,6 +10,7 @@ stage that failed, and finished rounds are not redone.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.instruct import rank
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
@@ -34,6 +35,8 @@ def rlhf(
     params = {"sft": sft_uri, "rounds": rounds, "from_champion": from_champion, "sample": sample_params.model_dump(),
               "rank": rank_params.model_dump(), "reward": reward_params.model_dump(), "ppo": ppo_params.model_dump(),
               "judge": judge_params.model_dump()}
+    if rank_params.round == "auto":  # a scheduled round: new round name and fresh samples for each scheduled run
+        rank_params, sample_params = scheduled_round(rank_params, sample_params)
     sft, tokenizer = resolve_model(sft_uri, tokenizer_uri)
     policy = (champion_checkpoint() or sft) if from_champion else sft
     results = []
@@ -61,6 +64,15 @@ def rlhf(
                             "judgement": versus_sft, "promotion": promoted})
             policy = new_policy
     return {"mlflow_run_id": run_id, "sft": sft, "tokenizer": tokenizer, "rounds": results}
+
+
+def scheduled_round(rank_params: RankParams, sample_params: SampleParams) -> tuple[RankParams, SampleParams]:
+    """Name the round after this flow run's scheduled start (a retry of the run keeps it: its stages are reused)
+    and seed the sampling with it, so today's round sends people responses they have not ranked yet."""
+    when = flow_run.scheduled_start_time
+    name = f"round-{when:%Y%m%dT%H%M}"
+    return (rank_params.model_copy(update={"round": name}),
+            sample_params.model_copy(update={"seed": int(when.timestamp()) % 2**31}))
 
 
 if __name__ == "__main__":

@@ -460,7 +460,12 @@ def _mlflow() -> tuple[list[str], dict[str, str], Path]:
 def _prefect_server() -> tuple[list[str], dict[str, str], Path]:
     command = [str(executable("prefect")), "server", "start", "--host", HOST, "--port", str(port("PREFECT_PORT")),
                "--analytics-off"]
-    env = os.environ | {"PREFECT_HOME": str(state_dir() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The UI's pages call the API at PREFECT_SERVER_UI_API_URL, which is 127.0.0.1:4200 whatever --port says: set
+    # it, or a UI on another port shows "Can't connect to Server API". No Prefect Cloud banners in a team's UI.
+    api = f"http://{HOST}:{port('PREFECT_PORT')}/api"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(state_dir() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_API_URL": api, "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
     return command, env, state_dir()
 
 

@@ -195,7 +195,8 @@ class RankParams(Params):
     min_done: int | None = Field(None, ge=1, description="resume by itself once this many tasks are ranked (None: all)")
     timeout_s: int = Field(3600, ge=1, description="longest pause; then what is ranked is collected")
     dataset: str = Field("comparisons", description="the comparisons dataset to append to")
-    round: str = Field("round-1", description="a label stored with every task (the feedback round)")
+    round: str = Field("round-1", description="a label stored with every task (the feedback round); 'auto': "
+                       "named after the flow run's scheduled time, so each scheduled run is a new round")
     seed: int = 0
 
 
