@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -315,11 +316,14 @@ def registered_checkpoint(uri: str) -> tuple[Path, Path]:
         raise InstructflowError(f"no registered model {uri} ({str(e).splitlines()[0]}); list them in the MLflow UI "
                                 f"under Models, e.g. models:/pretrain/1 or models:/pretrain@champion") from None
     target = state_dir() / "registry" / version.name / str(version.version)
-    if not (target / "artifacts" / "checkpoint" / "model.pt").is_file():
+    if not (target / "MLmodel").is_file():  # downloaded whole or not at all
         with atomic_directory(target) as staging:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                                 dst_path=str(staging))
-    tokenizers = sorted((target / "artifacts").glob("*.json"))
-    if not tokenizers:
-        raise InstructflowError(f"registered model {uri} has no tokenizer artifact; it was not logged by instructflow")
-    return target / "artifacts" / "checkpoint", tokenizers[0]
+    # MLflow stores each artifact under its source's own name (a PPO policy's folder is "policy", not "checkpoint"):
+    # the MLmodel file says where the "checkpoint" and "tokenizer" artifacts went
+    artifacts = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"].get("artifacts", {})
+    if "checkpoint" not in artifacts or "tokenizer" not in artifacts:
+        raise InstructflowError(f"registered model {uri} has no checkpoint and tokenizer artifacts; it was not logged "
+                                "by instructflow as a text or chat model")
+    return target / artifacts["checkpoint"]["path"], target / artifacts["tokenizer"]["path"]

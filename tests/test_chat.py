@@ -35,3 +35,25 @@ def test_chat_without_any_trained_policy_says_what_to_run(tmp_path, monkeypatch)
     monkeypatch.setenv("INSTRUCTFLOW_STATE_DIR", str(tmp_path / "state"))
     with pytest.raises(InstructflowError, match="no trained policy to chat with"):
         resolve_chat_model(None, None)
+
+
+def test_the_champion_policy_resolves_to_its_checkpoint_whatever_its_folder_is_called(tmp_path):
+    """A PPO stage writes its policy to a folder named `policy`; MLflow keeps that name inside the registered model."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from tasks import tracking
+    from tasks.chat import resolve_chat_model
+
+    model, tok = tiny_chat_model()
+    save_checkpoint(model, tmp_path / "policy")
+    tok.save(tmp_path / "tokenizer.json")
+    run_id = tracking.start_pipeline_run("champion-resolution-test", {})
+    version = tracking.register_chat_model(run_id, "policy-folder-test", tmp_path / "policy", tmp_path / "tokenizer.json")
+    tracking.set_alias("policy-folder-test", "champion", version)
+
+    checkpoint, tokenizer = tracking.registered_checkpoint("models:/policy-folder-test@champion")
+    restored, _ = load_checkpoint(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))
+    assert Tokenizer.load(tokenizer).encode("Uppercase: dog") == tok.encode("Uppercase: dog")
+    assert tracking.register_chat_model(run_id, "policy-folder-test", tmp_path / "policy",
+                                        tmp_path / "tokenizer.json") == version  # one version per run, never two
+    assert resolve_chat_model("models:/policy-folder-test@champion", None)[0] is not None
