@@ -18,6 +18,7 @@ from model.errors import InstructflowError
 from ray_faults import run_killing_a_worker
 from tasks import tracking
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
+from tiny_policy import write_tiny_policy
 
 SAMPLE = SampleParams(n_prompts=16, k=3, max_new_tokens=6)
 RANK = RankParams(project="feedback loop test", labeler="simulated", noise=0.0, wait="collect", dataset="loop",
@@ -35,23 +36,7 @@ def services(labelstudio_and_prefect):
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> tuple[str, str]:
-    """A tiny chat model (random weights stand in for SFT) and its tokenizer, trained on the verifiable prompts."""
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.config import GPTConfig
-    from model.gpt import GPT
-    from model.tokenizer import Tokenizer
-    from tasks.demonstrations import verifiable_demonstrations
-
-    out = tmp_path_factory.mktemp("sft")
-    demos = verifiable_demonstrations(200, 20)
-    tokenizer = Tokenizer.train([f"{d.prompt} {d.response}" for d in demos.train], vocab_size=400)
-    tokenizer.save(out / "tokenizer.json")
-    torch.manual_seed(0)
-    save_checkpoint(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32,
-                                  dropout=0.0)), out / "checkpoint")
-    return str(out / "checkpoint"), str(out / "tokenizer.json")
+    return write_tiny_policy(tmp_path_factory.mktemp("sft"))
 
 
 def stage_runs(stage: str):

@@ -13,19 +13,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from label_studio_sdk import LabelStudio
 
+from browser import chromium  # noqa: F401 (a fixture)
 from labelstudio_server import labelstudio_server, labelstudio_template  # noqa: F401 (fixtures)
 from tasks import labelstudio, ranking
 from tasks.settings import CHECKOUT
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = CHECKOUT / ".instructflow-test" / "screenshots" / "ranking-ui.png"  # untracked; kept after the run
 TIMEOUT_MS = 60_000  # per wait: Label Studio's front end is heavy on two shared cores
 
@@ -37,25 +33,6 @@ ITEM = {"prompt": PROMPT, "policy": "sft-1", "round": 1,
 RESPONSE_ID = {r["text"]: r["id"] for r in ITEM["responses"]}
 COLUMNS = [ranking.UNSORTED, "rank_1", "rank_2", "rank_3", "rank_4"]  # left to right, as RANKING_CONFIG lays them out
 PLAN = {"Red.": "rank_1", "Blue is one.": "rank_2", "Banana.": "rank_4", "I like turtles.": "rank_4"}  # a tie last
-
-
-@pytest.fixture
-def chromium():
-    """A headless Debian Chromium driven by Playwright (fails, never skips, when either is missing)."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run infra/browser/install.sh (`make test` runs it) to install Debian's "
-                    "chromium; never `playwright install`", pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed in this venv: `pip install -e '.[test]'` (or `make install`)",
-                    pytrace=False)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def announcement(page) -> str:

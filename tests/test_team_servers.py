@@ -22,14 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from browser import chromium  # noqa: F401 (a fixture)
 from infra import services
 from labelstudio_server import free_port, labelstudio_template, server_from_template  # noqa: F401 (fixture)
 from tasks.params import IngestParams, JudgeParams, PPOParams, PretrainParams, RankParams, RewardParams, SampleParams
 from tasks.settings import CHECKOUT
+from tiny_policy import write_tiny_policy
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # Screenshots land in the untracked test cache; INSTRUCTFLOW_SCREENSHOT_DIR=docs/screenshots refreshes the README's.
 SCREENSHOTS = Path(os.environ.get("INSTRUCTFLOW_SCREENSHOT_DIR") or CHECKOUT / ".instructflow-test" / "screenshots")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -201,24 +200,7 @@ def test_pipeline_deployment_runs_on_the_worker_and_lands_in_mlflow(team, pipeli
 
 @pytest.fixture(scope="module")
 def sft_model(team) -> tuple[str, str]:
-    """A tiny chat model (random weights stand in for SFT) and its tokenizer, trained on the verifiable prompts."""
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.config import GPTConfig
-    from model.gpt import GPT
-    from model.tokenizer import Tokenizer
-    from tasks.demonstrations import verifiable_demonstrations
-
-    out = team.state / "sft"
-    out.mkdir()
-    demos = verifiable_demonstrations(200, 20)
-    tokenizer = Tokenizer.train([f"{d.prompt} {d.response}" for d in demos.train], vocab_size=400)
-    tokenizer.save(out / "tokenizer.json")
-    torch.manual_seed(0)
-    save_checkpoint(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32,
-                                  dropout=0.0)), out / "checkpoint")
-    return str(out / "checkpoint"), str(out / "tokenizer.json")
+    return write_tiny_policy(team.state / "sft")
 
 
 def test_feedback_round_pauses_for_rankings_and_resumes_from_a_run_input(team, sft_model, pipeline_run, chromium):
@@ -294,21 +276,6 @@ def shows(page, *texts: str, timeout_ms: int = 60_000) -> None:
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "failed-page.png"))
         raise AssertionError(f"{page.url} never showed all of {texts}; it shows:\n{page.inner_text('body')[:2000]}")
-
-
-@pytest.fixture
-def chromium():
-    """A headless Debian Chromium driven by Playwright (fails, never skips, when either is missing)."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run infra/browser/install.sh (`make test` runs it)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def wait_for_running_stage(team: Team, stage: str, metric: str, timeout_s: float = 300) -> dict:
