@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(CHECKOUT))  # run as a script: the process helpers are shared with `make up` (stdlib only)
+from infra.services import alive, port_in_use  # noqa: E402
 STATE = Path(os.environ.get("INSTRUCTFLOW_STATE_DIR") or CHECKOUT / ".instructflow").resolve() / "labelstudio"
 VENV = Path(os.environ.get("INSTRUCTFLOW_LS_VENV") or CHECKOUT / ".venv-labelstudio").resolve()
 DATA = STATE / "data"
@@ -54,15 +56,6 @@ def requested_port() -> int:
 
 
 # --- the server process ------------------------------------------------------------------------------------------
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
 
 def is_our_server(pid: int) -> bool:
     """The pid runs label-studio on our data dir (and is not some other process that reused the number)."""
@@ -108,21 +101,6 @@ def listening_ports(pid: int) -> set[tuple[str, int]]:
 def address(pid: int) -> str:
     ports = sorted(port for _, port in listening_ports(pid))
     return f"http://{HOST}:{ports[0]}" if ports else "(not listening yet)"
-
-
-def port_in_use(port: int) -> bool:
-    """Someone listens on the port, or it cannot be bound on 127.0.0.1 (Label Studio would silently take port+1)."""
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        if probe.connect_ex((HOST, port)) == 0:
-            return True
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return True
-    return False
 
 
 def healthy(port: int) -> bool:
