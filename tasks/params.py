@@ -125,9 +125,10 @@ class EvaluateParams(Params):
 
 
 class DemonstrationParams(Params):
-    source: str = Field("verifiable", description="'verifiable' (the built-in generated instruction tasks) or a jsonl/parquet file of prompt/response rows")
-    n_train: int = Field(600, ge=1, description="for 'verifiable': training demonstrations")
-    n_test: int = Field(60, ge=1, description="for 'verifiable': held-out demonstrations (validation loss)")
+    source: str = Field("verifiable", description="'verifiable' (the built-in generated instruction tasks), 'reviews' "
+                        "(continue a movie review: tasks/reviews.py) or a jsonl/parquet file of prompt/response rows")
+    n_train: int = Field(600, ge=1, description="for built-in sets: training demonstrations")
+    n_test: int = Field(60, ge=1, description="for built-in sets: held-out demonstrations (validation loss)")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="for a file without a split column")
     seed: int = 0
 
@@ -137,6 +138,10 @@ class DemonstrationParams(Params):
 
         if self.source == "verifiable":
             return verifiable_demonstrations(self.n_train, self.n_test, self.seed)
+        if self.source == "reviews":
+            from tasks.reviews import review_demonstrations
+
+            return review_demonstrations(self.n_train, self.n_test, self.seed)
         return load_demonstrations(self.source, test_fraction=self.test_fraction, seed=self.seed)
 
 
@@ -157,7 +162,8 @@ class SFTParams(Params):
 
 
 class SampleParams(Params):
-    prompts: str = Field("verifiable", description="'verifiable' (held-out built-in prompts) or a jsonl/parquet file with a prompt field")
+    prompts: str = Field("verifiable", description="'verifiable' (held-out built-in prompts), 'reviews' (review "
+                         "openings from the training sentences) or a jsonl/parquet file with a prompt field")
     n_prompts: int = Field(16, ge=1, description="how many prompts (the first N)")
     k: int = Field(4, ge=2, le=9, description="responses per prompt (InstructGPT ranked 4 to 9)")
     temperature: float = Field(1.0, ge=0)
@@ -175,6 +181,10 @@ class SampleParams(Params):
 
         if self.prompts == "verifiable":
             return held_out_prompts(self.n_prompts, self.seed)
+        if self.prompts == "reviews":
+            from tasks.reviews import review_prompts
+
+            return review_prompts("train", self.n_prompts)
         path = Path(self.prompts)
         if not path.is_file():
             raise InstructflowError(f"prompts file {path} does not exist; give a jsonl/parquet file with a 'prompt' field")
@@ -203,6 +213,9 @@ class RankParams(Params):
 class RewardParams(Params):
     dataset: str = Field("comparisons", description="the comparisons dataset (under <state>/datasets/) to train on")
     version: int | None = Field(None, ge=1, description="train on versions 1..N of the dataset (None: all so far)")
+    labeler: Literal["people", "simulated", "all"] | None = Field(
+        None, description="whose rankings to train on: people's, the simulated labeler's, or 'all' (mixed). None: in a "
+        "feedback round, the round's labeler; on its own, people's rankings when there are any, else the simulated ones")
     learning_rate: float = Field(9e-6, gt=0, description="InstructGPT C.2 (6B RM): 9e-6; tiny models want ~1e-4")
     batch_size: int = Field(64, ge=1, description="rankings (prompts, each with all its comparisons) per step; C.2: 64")
     epochs: int = Field(1, ge=1, description="InstructGPT: one epoch, more overfits")
@@ -220,7 +233,8 @@ class RewardParams(Params):
 
 
 class PPOParams(Params):
-    prompts: str = Field("verifiable", description="'verifiable' (training-side built-in prompts) or a jsonl/parquet file with a prompt field")
+    prompts: str = Field("verifiable", description="'verifiable' (training-side built-in prompts), 'reviews' (review "
+                         "openings from the training sentences) or a jsonl/parquet file with a prompt field")
     n_prompts: int = Field(512, ge=1, description="how many prompts to draw rollouts from")
     total_episodes: int = Field(256_000, ge=1, description="prompts answered over the run (InstructGPT: 256k)")
     batch_size: int = Field(512, ge=1, description="episodes per rollout batch (InstructGPT C.4: 512)")
@@ -229,19 +243,25 @@ class PPOParams(Params):
     learning_rate: float = Field(9e-6, gt=0, description="tiny models want ~1e-4")
     beta: float = Field(0.02, gt=0, description="KL coefficient (InstructGPT: 0.02)")
     kl_target: float | None = Field(None, gt=0, description="set to adapt beta toward this KL (Ziegler et al.)")
+    kl_horizon: int = Field(10_000, ge=1, description="the adaptive controller's horizon in episodes (Ziegler et al.: "
+                            "10,000; a run of a few thousand episodes needs a few hundred to move beta at all)")
+    warmup_iterations: int = Field(10, ge=0, description="rollout batches over which the learning rate warms up "
+                                   "from a tenth (InstructGPT C.4: 10)")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx pretraining-loss coefficient (InstructGPT: 27.8); 0 = plain PPO")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of policy weights (InstructGPT: 0.992)")
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     missing_end_penalty: float | None = Field(1.0, ge=0, description="subtracted from the score of a response that never stops")
     value_coef: float = Field(0.1, ge=0)
+    require_useful_reward: bool = Field(True, description="skip PPO (saying so) when the reward model's held-out "
+                                        "accuracy is not above chance: PPO would only chase the RM's noise")
     checkpoint_every: int = Field(5, ge=1, description="rollout batches between resumable checkpoints")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | None = None
     max_failures: int = Field(1, ge=0)
     seed: int = 0
 
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "max_failures", "require_useful_reward"})
 
     def load_prompts(self, exclude: set[str] = frozenset()) -> list[str]:
         """The rollout prompts: training-side verifiable prompts (never the held-out ones), or a file's."""
@@ -250,14 +270,22 @@ class PPOParams(Params):
 
             drawn = verifiable_demonstrations(self.n_prompts, 1, seed=self.seed + 1).train
             return [d.prompt for d in drawn if d.prompt not in exclude]
+        if self.prompts == "reviews":
+            from tasks.reviews import review_prompts
+
+            return review_prompts("train", self.n_prompts)
         return SampleParams(prompts=self.prompts, n_prompts=self.n_prompts).load_prompts()
 
 
 class JudgeParams(Params):
-    prompts: str = Field("verifiable", description="'verifiable' (held-out prompts never ranked) or a jsonl/parquet file")
+    prompts: str = Field("verifiable", description="'verifiable' (held-out prompts never ranked), 'reviews' (openings "
+                         "of the held-out test sentences) or a jsonl/parquet file")
     n_prompts: int = Field(64, ge=1)
     judge: Literal["gold", "reward"] = Field("gold", description="'gold': the simulated labeler's hidden preference; 'reward': the reward model")
-    temperature: float = Field(0.0, ge=0, description="decoding of the compared responses (0 = greedy)")
+    temperature: float = Field(1.0, ge=0, description="decoding of the compared responses (1 = the distribution PPO "
+                               "trains; 0 = greedy; greedy answers are judged too either way)")
     max_new_tokens: int = Field(32, ge=1)
-    kl_samples: int = Field(4, ge=1, description="samples per prompt (temperature 1) for the KL to SFT")
+    kl_samples: int = Field(1, ge=1, description="samples per prompt (temperature 1) for the KL to SFT")
+    best_of_k: int | None = Field(8, ge=2, description="also judge best-of-K sampling from SFT picked by the reward "
+                                  "model (is the RM useful at all?); None: skip")
     seed: int = 0

@@ -50,7 +50,7 @@ def comparisons_version(dataset_dir: Path, version: int | None) -> tuple[int, st
 def reward(sft_uri: str, tokenizer_uri: str | None, params: RewardParams, parent_run_id: str | None = None) -> str:
     """Train the reward model on the comparisons (versions 1..N), starting from the SFT model; returns its URI."""
     from model.reward import RewardConfig
-    from tasks.feedback import comparisons_dir, verifiable_preference
+    from tasks.feedback import comparisons_dir, gold_preference, has_gold_preference
     from tasks.ranking import read_comparisons
     from tasks.reward import (check_known_responses, rankings_from_comparisons, reward_job, run_reward,
                               split_rankings, write_rankings)
@@ -59,7 +59,7 @@ def reward(sft_uri: str, tokenizer_uri: str | None, params: RewardParams, parent
     dataset = comparisons_dir(params.dataset)
     version, digest = comparisons_version(dataset, params.version)
     # every check on the data happens here, before a worker starts
-    frame = read_comparisons(dataset, version)
+    frame, counts, params = rankings_of_labeler(read_comparisons(dataset, version), params, dataset)
     rankings = rankings_from_comparisons(frame)
     check_known_responses(frame)
     train, val = split_rankings(rankings, params.val_fraction, params.seed)
@@ -69,15 +69,15 @@ def reward(sft_uri: str, tokenizer_uri: str | None, params: RewardParams, parent
     key = params.fingerprint(sft_uri, tokenizer_uri, digest)
 
     def build(run_id: str, out: Path) -> Path:
-        from tasks.demonstrations import family_of
-
-        gold = verifiable_preference if all(family_of(r["prompt"]) for r in val) and val else None
+        gold = gold_preference if val and all(has_gold_preference(r["prompt"]) for r in val) else None
         job = reward_job(init=Path(sft_uri), cfg=cfg,
                          rankings=write_rankings(out / "rankings.json", tokenizer, train, val, gold),
                          out_dir=out / "model", pad=tokenizer.eot_id, run_id=run_id,
                          checkpoint_every=params.checkpoint_every, tokenizer_sha256=_sha256(tokenizer_uri))
         summary = run_reward(key=key, job=job, num_workers=params.num_workers, use_gpu=params.use_gpu,
                              max_failures=params.max_failures)
+        summary |= {**counts, "labeler": params.labeler, "train_rankings": len(train), "val_rankings": len(val)}
+        tracking.log_metrics(run_id, {f"rm/{k}": v for k, v in counts.items()}, step=0)
         atomic_write(out / "metrics.json", json.dumps(summary, indent=2).encode())
         shutil.copy2(tokenizer_uri, out / "tokenizer.json")
         version_registered = tracking.register_reward_model(run_id, REWARD_MODEL, out / "model", Path(tokenizer_uri),
@@ -91,8 +91,27 @@ def reward(sft_uri: str, tokenizer_uri: str | None, params: RewardParams, parent
         return out / "model"
 
     logged = {**params.model_dump(), "comparisons_version": version, "train_rankings": len(train),
-              "val_rankings": len(val)}
+              "val_rankings": len(val), **counts}
     return cached_stage("reward", key, logged, parent_run_id, build)
+
+
+def rankings_of_labeler(frame, params: RewardParams, dataset: Path):
+    """The comparisons of the labeler kind the reward model trains on (people's rankings are never drowned by the
+    simulated labeler's unless `labeler='all'`), how many rankings of each kind the dataset holds and the RM keeps,
+    and the params with the kind resolved (it is part of the cache key)."""
+    simulated = frame["simulated"].fillna(False).astype(bool)
+    available = {"people": frame.loc[~simulated, "annotation_id"].nunique(),
+                 "simulated": frame.loc[simulated, "annotation_id"].nunique()}
+    kind = params.labeler or ("people" if available["people"] else "simulated")
+    kept = frame if kind == "all" else frame[simulated == (kind == "simulated")]
+    if not len(kept):
+        raise InstructflowError(f"{dataset} holds no rankings by {kind} (it has {available['people']} by people and "
+                                f"{available['simulated']} by the simulated labeler); rank some, or set the reward "
+                                f"stage's labeler to 'all' or to the kind it has")
+    counts = {"human_rankings": available["people"] if kind in ("people", "all") else 0,
+              "simulated_rankings": available["simulated"] if kind in ("simulated", "all") else 0,
+              "rankings_left_out": available["people"] + available["simulated"] - kept["annotation_id"].nunique()}
+    return kept, counts, params.model_copy(update={"labeler": kind})
 
 
 @task(name="ppo", cache_policy=NO_CACHE)
@@ -113,6 +132,7 @@ def ppo(policy_uri: str, sft_uri: str, reward_uri: str, tokenizer_uri: str | Non
     cfg = PPOConfig(total_episodes=params.total_episodes, batch_size=params.batch_size,
                     mini_batches=params.mini_batches, ppo_epochs=params.ppo_epochs,
                     learning_rate=params.learning_rate, beta=params.beta, kl_target=params.kl_target,
+                    kl_horizon=params.kl_horizon, warmup_iterations=params.warmup_iterations,
                     ptx_coef=params.ptx_coef, ema_decay=params.ema_decay, max_new_tokens=params.max_new_tokens,
                     temperature=params.temperature, missing_end_penalty=params.missing_end_penalty,
                     value_coef=params.value_coef, seed=params.seed)
@@ -148,6 +168,27 @@ def ppo(policy_uri: str, sft_uri: str, reward_uri: str, tokenizer_uri: str | Non
     return cached_stage("ppo", key, logged, parent_run_id, build)
 
 
+def reward_quality(reward_uri: str) -> dict:
+    """The reward model's held-out accuracy against the labels with its 95% interval, counting each held-out ranking
+    as one unit (its pairs share a prompt and a labeler, so they are not independent), and whether it is above
+    chance (the interval's lower end above 0.5). Gold accuracy beside it when the prompts have a gold preference."""
+    from tasks.stats import proportion_interval
+
+    summary = json.loads((Path(reward_uri).parent / "metrics.json").read_text())
+    accuracy, units = summary.get("val_accuracy"), int(summary.get("val_rankings", 0))
+    if accuracy is None or not units:
+        return {"accuracy": None, "rankings": units, "useful": False,
+                "message": "the reward model has no held-out rankings, so nothing shows it learned the preference"}
+    low, high = proportion_interval(accuracy * units, units)
+    quality = {"accuracy": accuracy, "low": low, "high": high, "rankings": units, "pairs": summary.get("val_pairs", 0),
+               "gold_accuracy": summary.get("gold_accuracy"), "useful": low > 0.5}
+    if not quality["useful"]:
+        quality["message"] = (f"the reward model is at chance: held-out accuracy {100 * accuracy:.1f}% "
+                              f"[{100 * low:.1f}, {100 * high:.1f}] on {units} rankings; rank more responses (or "
+                              f"rank them more consistently) before PPO can learn anything from it")
+    return quality
+
+
 def judge_prompts(params: JudgeParams, dataset: str, version: int | None = None) -> list[str]:
     """Held-out prompts for judging: for 'verifiable', held-out prompts that were never sent for ranking (up to the
     dataset's `version`, the one the round ended with: a re-run of the round judges on the same prompts)."""
@@ -156,6 +197,10 @@ def judge_prompts(params: JudgeParams, dataset: str, version: int | None = None)
     from tasks.params import SampleParams
     from tasks.ranking import read_comparisons, read_manifest
 
+    if params.prompts == "reviews":  # test sentences: never sampled for ranking, SFT or PPO (training sentences)
+        from tasks.reviews import review_prompts
+
+        return review_prompts("test", params.n_prompts)
     if params.prompts != "verifiable":
         return SampleParams(prompts=params.prompts, n_prompts=params.n_prompts).load_prompts()
     directory = comparisons_dir(dataset)
@@ -178,9 +223,9 @@ def judge(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tok
     baseline_uri, _ = resolve_model(baseline_uri, tokenizer_uri)
     sft_uri, _ = resolve_model(sft_uri, tokenizer_uri)
     prompts = judge_prompts(params, dataset, version)
-    if params.judge == "gold" and params.prompts != "verifiable":
-        raise InstructflowError("judge='gold' needs the built-in verifiable prompts (the gold preference is only "
-                                "defined there); use judge='reward' for your own prompts")
+    if params.judge == "gold" and params.prompts not in ("verifiable", "reviews"):
+        raise InstructflowError("judge='gold' needs built-in prompts ('verifiable' or 'reviews': the gold preference "
+                                "is only defined there); use judge='reward' for your own prompts")
     key = params.fingerprint(policy_uri, baseline_uri, sft_uri, reward_uri, tokenizer_uri,
                              hashlib.sha256("\x00".join(prompts).encode()).hexdigest())
     read_model_config(policy_uri)

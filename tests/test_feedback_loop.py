@@ -24,8 +24,9 @@ SAMPLE = SampleParams(n_prompts=16, k=3, max_new_tokens=6)
 RANK = RankParams(project="feedback loop test", labeler="simulated", noise=0.0, wait="collect", dataset="loop",
                   round="test")
 REWARD = RewardParams(dataset="loop", learning_rate=1e-3, batch_size=4, eval_every=2, val_fraction=0.5)
+# the random-weight policy's reward model is at chance: PPO runs anyway here, to test its mechanics
 PPO = PPOParams(n_prompts=32, total_episodes=32, batch_size=16, mini_batches=2, learning_rate=1e-3, max_new_tokens=6,
-                checkpoint_every=1)
+                checkpoint_every=1, require_useful_reward=False)
 JUDGE = JudgeParams(n_prompts=8, max_new_tokens=6, kl_samples=2)
 
 
@@ -173,3 +174,50 @@ def test_bad_comparisons_and_mismatched_models_are_refused_before_training(servi
                               tmp_path / "other-rm")
     with pytest.raises(InstructflowError, match="vocabulary"):
         ppo_flow(str(other), sft, None, tokenizer, PPO)
+
+
+def test_a_people_round_trains_its_reward_model_on_peoples_rankings_only(services, sft_model):
+    from flows.stages import reward_flow
+
+    sft, tokenizer = sft_model
+    rows = [{"annotation_id": 100 + n, "task_id": 100 + n, "task_key": f"k{n}", "annotator": 2 if n % 2 else 1,
+             "simulated": bool(n % 2), "prompt": f"Add {n} and 1", "chosen": str(n + 1), "rejected": "x",
+             "chosen_id": f"r{n}:0", "rejected_id": f"r{n}:1", "origin": ""} for n in range(16)]
+    write_comparisons("mixed", rows)  # 8 rankings by people, 8 by the simulated labeler
+    write_comparisons("simulated-only", [r for r in rows if r["simulated"]])
+
+    def trained_on(reward_uri: str) -> dict:
+        run = next(r for r in stage_runs("reward") if r.data.tags[tracking.OUTPUT_TAG] == reward_uri)
+        return {k: run.data.params[k] for k in ("labeler", "human_rankings", "simulated_rankings",
+                                                 "rankings_left_out", "train_rankings", "val_rankings")}
+
+    people = trained_on(reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "mixed"})))
+    assert people["labeler"] == "people" and people["human_rankings"] == "8" and people["simulated_rankings"] == "0"
+    assert int(people["train_rankings"]) + int(people["val_rankings"]) == 8 and people["rankings_left_out"] == "8"
+    mixed = trained_on(reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "mixed", "labeler": "all"})))
+    assert (mixed["human_rankings"], mixed["simulated_rankings"], mixed["rankings_left_out"]) == ("8", "8", "0")
+    assert int(mixed["train_rankings"]) + int(mixed["val_rankings"]) == 16
+    # with no people's rankings at all, the simulated ones are used (and said so); asking for people's is an error
+    alone = trained_on(reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "simulated-only"})))
+    assert alone["labeler"] == "simulated" and alone["simulated_rankings"] == "8"
+    with pytest.raises(InstructflowError, match="no rankings by people"):
+        reward_flow(sft, tokenizer, REWARD.model_copy(update={"dataset": "simulated-only", "labeler": "people"}))
+
+
+def test_a_round_whose_reward_model_is_at_chance_skips_ppo_and_says_so(two_rounds, sft_model):
+    from flows.rlhf import rlhf
+    from tasks.rlhf import reward_quality
+
+    sft, tokenizer = sft_model
+    first = two_rounds["rounds"][0]
+    quality = reward_quality(first["reward"])
+    assert quality["rankings"] > 0 and quality["low"] <= quality["accuracy"] <= quality["high"]
+    if quality["useful"]:
+        pytest.skip("this tiny reward model happened to beat chance")
+    policies = len(tracking.client().search_model_versions("name='policy'"))
+    again = rlhf(sft, tokenizer, 1, sample_params=SAMPLE, rank_params=RANK.model_copy(update={"round": "test.1"}),
+                 reward_params=REWARD, ppo_params=PPO.model_copy(
+                     update={"require_useful_reward": True}), judge_params=JUDGE)
+    skipped = again["rounds"][0]
+    assert "at chance" in skipped["skipped"] and "policy" not in skipped and "promotion" not in skipped
+    assert len(tracking.client().search_model_versions("name='policy'")) == policies

@@ -456,3 +456,25 @@ def test_the_simulated_labeler_ranks_by_its_preference(server):
     rows, stats = ranking.comparisons_from_export(ranking.export_rankings(project, ls))
     assert stats["annotators"] == 2 and stats["agreement"]["pairs"] == 6 * 4 - 1
     assert 0 < stats["agreement"]["rate"] < 1
+
+
+def test_the_simulated_labeler_ranks_a_round_on_import_exactly_as_one_by_one(server):
+    ls = admin(server)
+    by_length = lambda prompt, text: -len(text)  # noqa: E731
+    items = [item(f"Import prompt {n}.", *texts) for n, texts in enumerate([
+        ["a", "bbb", "cc", "dddd"], ["xx", "y", "zzzz", "www"], ["1", "22", "333", "4444"]])]
+    one_by_one = labelstudio.find_or_create_project("ranked one by one", ranking.ranking_config(4), ls=ls)
+    ranking.import_tasks(one_by_one, items, seed=5, ls=ls)
+    ranking.run_simulated_labeler(one_by_one, by_length, ls=ls, noise=0.5, seed=5)
+    on_import = labelstudio.find_or_create_project("ranked on import", ranking.ranking_config(4), ls=ls)
+    annotate = ranking.simulated_importer(by_length, noise=0.5, seed=5, levels=4, ls=ls)
+    assert ranking.import_tasks(on_import, items, seed=5, ls=ls, annotate=annotate)["imported"] == 3
+    # nothing is left for the labeler, and the comparisons are the same, marked simulated, by the same user
+    assert ranking.run_simulated_labeler(on_import, by_length, ls=ls, noise=0.5, seed=5)["annotated"] == 0
+
+    def pairs(project):
+        rows, stats = ranking.comparisons_from_export(ranking.export_rankings(project, ls))
+        assert stats["malformed"] == 0 and all(r["simulated"] for r in rows)
+        return {(r["prompt"], r["chosen"], r["rejected"], r["annotator"]) for r in rows}
+
+    assert pairs(on_import) == pairs(one_by_one) and len(pairs(on_import)) > 6

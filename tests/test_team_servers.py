@@ -39,7 +39,7 @@ SAMPLE = SampleParams(n_prompts=12, k=3, max_new_tokens=6)
 RANK = RankParams(project="team round", labeler="people", wait="pause", timeout_s=900, dataset="team", round="team")
 REWARD = RewardParams(dataset="team", learning_rate=1e-3, batch_size=4, eval_every=2, val_fraction=0.5)
 PPO = PPOParams(n_prompts=16, total_episodes=16, batch_size=8, mini_batches=2, learning_rate=1e-3, max_new_tokens=6,
-                checkpoint_every=1)
+                checkpoint_every=1, require_useful_reward=False)  # a random-weight policy: its RM is at chance
 JUDGE = JudgeParams(n_prompts=6, max_new_tokens=6, kl_samples=2)
 
 # What settings.apply_environment() put into this test process for its own embedded services: the servers' processes
@@ -216,12 +216,12 @@ def test_feedback_round_pauses_for_rankings_and_resumes_from_a_run_input(team, s
     with pytest.MonkeyPatch.context() as env:
         env.setenv("INSTRUCTFLOW_STATE_DIR", str(team.state))  # the module's Label Studio is this state's local one
         from tasks import labelstudio
-        from tasks.feedback import verifiable_preference
+        from tasks.feedback import gold_preference
         from tasks.ranking import run_simulated_labeler
 
         ls = labelstudio.client()
         [project] = [p for p in ls.projects.list() if p.title == RANK.project]
-        done = run_simulated_labeler(project.id, verifiable_preference, noise=0.0, seed=0, limit=8)
+        done = run_simulated_labeler(project.id, gold_preference, noise=0.0, seed=0, limit=8)
     assert done["annotated"] == 8
     take_screenshots(chromium, team, paused["id"], project.id)
     time.sleep(12)  # longer than the round's own poll: 8 of 12 ranked must not resume it by itself
