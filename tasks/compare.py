@@ -36,17 +36,29 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def build_report(finetuned: dict[str, str], transfer: dict[int, str], zero_shot: dict[int, str], fewshot: str,
+def _mean_sd(values: list[float]) -> str:
+    """'65.3 ± 1.2' in percent: the mean and the sample standard deviation over seeds."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def build_report(finetuned: dict[str, list[str]], transfer: dict[int, str], zero_shot: dict[int, str], fewshot: str,
                  scoring: str = "mean") -> tuple[str, dict]:
-    """The markdown tables and the numbers behind them, from the stages' output URIs."""
-    data = {"gpt1": {k: finetune_metrics(v) for k, v in finetuned.items()},
+    """The markdown tables and the numbers behind them, from the stages' output URIs (fine-tuning variants: one URI
+    per seed)."""
+    data = {"gpt1": {k: [finetune_metrics(u) for u in v] for k, v in finetuned.items()},
             "transfer": {n: finetune_metrics(v) for n, v in transfer.items()},
             "zero_shot": {step: eval_results(v) for step, v in zero_shot.items()},
             "fewshot": eval_results(fewshot)}
+    seeds = max((len(runs) for runs in data["gpt1"].values()), default=0)
     lines = ["## GPT-1: pretraining and the auxiliary LM objective (cf. Table 5)", "",
-             "| variant | task | test accuracy % | macro-F1 % | chance % | majority % |", "|---|---|---|---|---|---|"]
-    for name, m in data["gpt1"].items():
-        lines.append(f"| {name} | {m['task']} | {_pct(m['test_accuracy'])} | {_pct(m['test_macro_f1'])} | "
+             f"Mean ± standard deviation over {seeds} fine-tuning seeds; n = test examples.", "",
+             "| variant | task | test accuracy % | macro-F1 % | n | chance % | majority % |", "|---|---|---|---|---|---|---|"]
+    for name, runs in data["gpt1"].items():
+        m = runs[0]
+        lines.append(f"| {name} | {m['task']} | {_mean_sd([r['test_accuracy'] for r in runs])} | "
+                     f"{_mean_sd([r['test_macro_f1'] for r in runs])} | {m.get('test_examples', '–')} | "
                      f"{_pct(m['chance'])} | {_pct(m['majority'])} |")
     lines += ["", "## GPT-1: layers transferred from pretraining (cf. Figure 2, left)", "",
               "| blocks transferred | test accuracy % | macro-F1 % |", "|---|---|---|"]
@@ -118,8 +130,8 @@ def log_report(run_id: str, out: Path, finetuned: dict[str, str], transfer: dict
     client = tracking.client()
     for name in ("report.md", "report.json", "report.png"):
         client.log_artifact(run_id, str(out / name))
-    metrics = {f"compare/gpt1/{name.replace(' ', '_').replace(',', '').replace('=', '')}": m["test_accuracy"]
-               for name, m in data["gpt1"].items()}
+    metrics = {f"compare/gpt1/{name.replace(' ', '_').replace(',', '').replace('=', '')}":
+               sum(r["test_accuracy"] for r in runs) / len(runs) for name, runs in data["gpt1"].items()}
     metrics |= {f"compare/transfer/{n}_blocks": m["test_accuracy"] for n, m in data["transfer"].items()}
     tracking.log_metrics(run_id, {k.replace("λ", "lambda"): v for k, v in metrics.items()}, step=0)
     return out / "report.md"

@@ -61,6 +61,9 @@ def test_compare_with_bad_shots_fails_with_one_line_before_any_work(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --shots takes comma-separated integers, e.g. 0,1,4 (got '0,few')"]
     assert not (tmp_path / "state" / "stages").exists()
+    result = run_cli("compare", "--seeds", "0,one", tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --seeds takes comma-separated integers, e.g. 0,1,2 (got '0,one')"]
 
 
 def test_import_gpt2_weights_from_a_local_directory_then_score_options(tmp_path, gpt2_ranks):
