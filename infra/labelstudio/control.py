@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,6 +184,12 @@ def start() -> None:
 
     admin = credentials()
     DATA.mkdir(parents=True, exist_ok=True)
+    database, template = DATA / "label_studio.sqlite3", VENV / "instructflow-migrated.sqlite3"
+    if not database.exists() and template.is_file():  # a new data dir: start from the migrated empty database
+        staging = database.with_suffix(".copying")
+        shutil.copyfile(template, staging)
+        staging.chmod(0o600)
+        staging.rename(database)
     # The password and token travel in the environment (readable by this user only), not on the command line
     # (readable by every user); they matter only on the first start, which creates the admin and its token.
     env = server_environment() | {"LABEL_STUDIO_PASSWORD": admin["password"], "LABEL_STUDIO_USER_TOKEN": admin["token"]}
