@@ -74,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/exp/run")
     ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     ap.add_argument("--prefix-words", type=int, default=4)
     ap.add_argument("--max-words", type=int, default=24)
     ap.add_argument("--sft-epochs", type=int, default=2)
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--reward", choices=["rm", "gold"], default="rm")
     ap.add_argument("--judge-prompts", type=int, default=300)
     ap.add_argument("--ema", type=float, default=None)
+    ap.add_argument("--ppo-disjoint", action="store_true", help="PPO prompts from the other end of the training openings")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
         print("review tokens", len(ids))
         torch.manual_seed(1337)
         model = GPT(config_for("tiny", vocab_size=tok.vocab_size))
-        cfg = TrainConfig(max_steps=args.pretrain_steps, batch_size=8, seq_len=128, learning_rate=1e-3,
+        cfg = TrainConfig(max_steps=args.pretrain_steps, batch_size=8, seq_len=128, learning_rate=args.pretrain_lr,
                           warmup_steps=30, eval_every=200, log_every=50)
         train(model, ids[:n], ids[n:], cfg, log=log_every("pretrain"))
         save_checkpoint(model, pre_dir)
@@ -238,7 +240,8 @@ def main() -> None:
                     ppo_epochs=args.ppo_epochs, learning_rate=args.ppo_lr, beta=args.beta, kl_target=args.kl_target,
                     kl_horizon=args.kl_horizon, max_new_tokens=args.new_tokens, missing_end_penalty=None,
                     warmup_iterations=2, ema_decay=args.ema, seed=args.seed)
-    queries = [render(tok, p).ids for p in prompts_train[:1500]]
+    ppo_prompts = prompts_train[-1500:] if args.ppo_disjoint else prompts_train[:1500]
+    queries = [render(tok, p).ids for p in ppo_prompts]
     history = []
 
     def plog(metrics, step):
