@@ -75,11 +75,12 @@ def print_feedback_round(round_: dict) -> None:
     quality = round_["reward_quality"]
     who = "the SIMULATED labeler" if round_.get("labeler") == "simulated" else "people"
     print(f"ranking by {who}: {round_['new_comparisons']} new comparisons, {rows} in {round_['comparisons']}")
-    print(f"reward model: trained on {rm.get('train_rankings', 0)} rankings ({rm.get('human_rankings', 0)} by people, "
-          f"{rm.get('simulated_rankings', 0)} simulated; {rm.get('steps', 0)} steps)")
+    print(f"reward model: {rm.get('human_rankings', 0)} rankings by people and {rm.get('simulated_rankings', 0)} by "
+          f"the simulated labeler ({rm.get('train_rankings', 0)} for training, {rm.get('val_rankings', 0)} held out; "
+          f"{rm.get('steps', 0)} steps)")
     if quality["accuracy"] is not None:
-        print(f"  held-out accuracy vs the labels {with_interval(quality['accuracy'], (quality['low'], quality['high']), quality['rankings'])} "
-              f"rankings, {quality['pairs']} pairs")
+        accuracy = with_interval(quality["accuracy"], (quality["low"], quality["high"]), quality["rankings"])
+        print(f"  held-out accuracy vs the labels {accuracy[:-1]} rankings; {quality['pairs']} pairs)")
     if rm.get("gold_accuracy") is not None:
         gold_pairs = int(rm.get("gold_pairs", 0))
         print(f"  held-out accuracy vs the hidden gold preference {100 * rm['gold_accuracy']:.1f}% on {gold_pairs} pairs")
@@ -122,8 +123,10 @@ def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
                     reward_params=DEMO_REWARD, ppo_params=DEMO_PPO, judge_params=DEMO_JUDGE)
     round_1 = feedback["rounds"][0]
     summary = training_summary(result["mlflow_run_id"])
-    print(f"\npipeline finished in {time.perf_counter() - started:.0f} s; MLflow run {result['mlflow_run_id']}")
-    for stage, seconds in stage_timings(result["mlflow_run_id"]).items():
+    print(f"\nthe demo took {time.perf_counter() - started:.0f} s (stages reused from an earlier run only their check); "
+          f"MLflow runs: pipeline {result['mlflow_run_id']}, feedback round {feedback['mlflow_run_id']}")
+    for stage, seconds in (stage_timings(result["mlflow_run_id"])
+                           | stage_timings(feedback["mlflow_run_id"], ("sample", "rank", "reward", "ppo", "judge"))).items():
         print(f"  {stage:<10} {seconds:6.1f} s")
     print(f"pretrain: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
           f"final val loss {summary['final_val_loss']:.3f} after {summary['steps']} steps")

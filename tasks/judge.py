@@ -3,7 +3,8 @@
 Both policies answer every prompt with the same decoding (temperature 1 by default, the distribution PPO trains;
 greedy answers are judged too); a judge scores each answer: the simulated labeler's hidden gold preference
 (tasks.feedback.gold_preference) or the reward model. The win rate counts a tie as half a win (InstructGPT's §4.1
-win rates against the SFT baseline are computed the same way) and comes with its 95% interval over prompts.
+win rates against the SFT baseline are computed the same way) and comes with its 95% interval over prompts
+(Wilson's, counting a tie as half a win).
 
 Diagnostics beside it, so a round that failed says where:
   kl_to_sft            log π(y|x) − log π_SFT(y|x) summed over the response, on temperature-1 samples
@@ -21,7 +22,7 @@ from model.reward import load_reward_model, score
 from model.rlhf import response_nll, sequence_kl
 from model.sft import chat_tokens, render
 from model.tokenizer import Tokenizer
-from tasks.stats import mean_interval
+from tasks.stats import proportion_interval
 
 
 def win_rate(policy_scores: list[float], baseline_scores: list[float]) -> dict:
@@ -29,9 +30,9 @@ def win_rate(policy_scores: list[float], baseline_scores: list[float]) -> dict:
     outcomes = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_scores, baseline_scores)]
     wins, ties = outcomes.count(1.0), outcomes.count(0.5)
     n = len(outcomes)
-    low, high = mean_interval(outcomes)
+    low, high = proportion_interval(sum(outcomes), n)  # Wilson's, a tie as half a win: sane at 0% and 100% too
     return {"wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": sum(outcomes) / n,
-            "win_rate_low": max(0.0, low), "win_rate_high": min(1.0, high)}
+            "win_rate_low": low, "win_rate_high": high}
 
 
 class _Answers:

@@ -20,9 +20,9 @@ def stage_runs(pipeline_run_id: str) -> dict[str, object]:
     return runs
 
 
-def stage_timings(pipeline_run_id: str) -> dict[str, float]:
+def stage_timings(pipeline_run_id: str,
+                  order: tuple[str, ...] = ("ingest", "tokenizer", "pretrain", "finetune", "evaluate")) -> dict[str, float]:
     """Seconds each stage's MLflow run was open (reused stages show the time they took when they ran)."""
-    order = ["ingest", "tokenizer", "pretrain", "finetune", "evaluate"]
     runs = stage_runs(pipeline_run_id)
     return {name: (runs[name].info.end_time - runs[name].info.start_time) / 1000 for name in order if name in runs}
 
