@@ -211,18 +211,24 @@ def test_feedback_round_pauses_for_rankings_and_resumes_from_a_run_input(team, s
     paused = team.paused_subflow(flow_run)  # the round's `rank` subflow, waiting for people
     assert team.prefect.get(f"/flow_runs/{flow_run}").json()["state"]["type"] == "RUNNING"
 
-    # People rank in Label Studio while the round waits: the simulated labeler ranks 8 of the 12 tasks (it uses
-    # the same API a person's browser does; tests/test_ranking_browser.py drags a ranking in the real UI).
+    # People rank in Label Studio while the round waits: a person ranks 8 of the 12 tasks through the API a browser
+    # uses (by the gold preference, to be quick; tests/test_ranking_browser.py drags a ranking in the real UI). Their
+    # rankings are not marked simulated, so the round's reward model (labeler "people") trains on them.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("INSTRUCTFLOW_STATE_DIR", str(team.state))  # the module's Label Studio is this state's local one
         from tasks import labelstudio
         from tasks.feedback import gold_preference
-        from tasks.ranking import run_simulated_labeler
+        from tasks.ranking import export_rankings, project_levels, ranking_result, simulated_rank
 
         ls = labelstudio.client()
         [project] = [p for p in ls.projects.list() if p.title == RANK.project]
-        done = run_simulated_labeler(project.id, gold_preference, noise=0.0, seed=0, limit=8)
-    assert done["annotated"] == 8
+        person = labelstudio.create_user("person@instructflow.local", ls=ls)
+        levels = project_levels(project.id, ls)
+        for task in sorted(export_rankings(project.id, ls), key=lambda t: t["id"])[:8]:
+            responses = [{"id": c["id"], "text": c["body"]} for c in task["data"]["candidates"]]
+            tiers = simulated_rank(task["data"]["prompt"], responses, gold_preference)
+            ls.annotations.create(id=task["id"], result=ranking_result(tiers, levels), completed_by=person)
+    assert ls.projects.get(id=project.id).num_tasks_with_annotations == 8
     take_screenshots(chromium, team, paused["id"], project.id)
     time.sleep(12)  # longer than the round's own poll: 8 of 12 ranked must not resume it by itself
     assert team.prefect.get(f"/flow_runs/{paused['id']}").json()["state"]["type"] == "PAUSED"
