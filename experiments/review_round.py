@@ -25,7 +25,7 @@ from model.generate import generate
 from model.gpt import GPT
 from model.reward import Ranking, RewardConfig, RewardModel, load_reward_model, normalise, save_reward_model, \
     train_reward, pairwise_accuracy, score
-from model.rlhf import PPOConfig, ppo, sequence_kl
+from model.rlhf import PPOConfig, ppo, response_nll, sequence_kl
 from model.sft import SFTConfig, chat_tokens, render, sft
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig, make_optimizer, train
@@ -227,13 +227,6 @@ def main() -> None:
     t = time.perf_counter()
     policy, _ = load_checkpoint(sft_dir)
     ref, _ = load_checkpoint(sft_dir)
-    if args.reward == "gold":
-        class GoldRM(torch.nn.Module):  # scores decoded text by the gold preference
-            config = rm.config
-
-            def forward(self, *a, **k):
-                raise NotImplementedError
-        reward_model = rm  # replaced below through score hook
     value = load_reward_model(rm_dir)
     value.fold_normalisation()
     cfg = PPOConfig(total_episodes=args.ppo_episodes, batch_size=args.ppo_batch, mini_batches=4,
@@ -252,7 +245,6 @@ def main() -> None:
                   flush=True)
     if args.reward == "gold":
         import model.rlhf as rlhf_mod
-        orig = rlhf_mod.reward_scores
 
         def gold_scores(reward, batch):
             toks = batch.idx[:, batch.prompt_len:]
@@ -284,10 +276,9 @@ def main() -> None:
         res[name] = {"win": round(w, 3), "ci": [round(w - half, 3), round(w + half, 3)], "ties": ties}
         if name == "t1":
             kl = sequence_kl(policy, policy0, q, out_pol, pad=chat.eot, stop_tokens=stops).mean().item()
-            nll_pol = -sequence_kl(policy0, policy0, q, out_pol, pad=chat.eot, stop_tokens=stops)  # zeros; placeholder
             res["kl"] = round(kl, 2)
-            res["nll_policy"] = round(answer_nll(policy0, q, out_pol, chat.eot, stops), 3)
-            res["nll_sft"] = round(answer_nll(policy0, q, out_sft, chat.eot, stops), 3)
+            res["nll_policy"] = round(response_nll(policy0, q, out_pol, pad=chat.eot, stop_tokens=stops), 3)
+            res["nll_sft"] = round(response_nll(policy0, q, out_sft, pad=chat.eot, stop_tokens=stops), 3)
             res["examples"] = list(zip(jp[:6], a_sft[:6], a_pol[:6]))
     # best-of-K by the RM
     a_many, q_many, o_many = answer(policy0, [p for p in jp for _ in range(8)], seed=99)
@@ -303,21 +294,6 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
-
-
-def answer_nll(model, queries, responses, pad, stops):
-    """Mean per-token negative log-likelihood of the responses under the model."""
-    from model.rlhf import lay_out, response_logits
-    from model.ppo import logprobs_from_logits
-    total, count = 0.0, 0
-    for i in range(0, len(queries), 64):
-        batch = lay_out(queries[i:i + 64], responses[i:i + 64], pad, stops, model.wte.weight.device)
-        tokens = batch.idx[:, batch.prompt_len:]
-        with torch.no_grad():
-            logp = logprobs_from_logits(response_logits(model, batch, 1.0), tokens)
-        total += float(-(logp * batch.mask).sum())
-        count += float(batch.mask.sum())
-    return total / count
 
 
 if __name__ == "__main__":
