@@ -16,8 +16,8 @@ Services, in start order (each binds 127.0.0.1; a busy port is an error, never s
 Ray starts before the worker: the worker's environment is what every flow run inherits, and it must already hold
 RAY_ADDRESS. Each of our processes leads its own session and has <state>/services/<name>.pid and <name>.log; `up`
 writes <state>/services/endpoints.json, which tasks/settings.py reads, so commands run between `make up` and
-`make down` use the servers. Settings are read from the environment at call time. Only the standard library is
-imported: this runs before (and without) the pipeline's dependencies.
+`make down` use the servers. Settings are read from the environment at call time. Besides the standard library it
+needs only psutil (to see processes), imported on first use: none of the pipeline's dependencies.
 """
 
 from __future__ import annotations
@@ -135,34 +135,55 @@ def marker(name: str) -> str:
     return f"{name}:{state_dir()}"
 
 
-# --- processes, seen through /proc -----------------------------------------------------------------------------
+# --- processes, seen through psutil ------------------------------------------------------------------------------
+#
+# psutil comes with `make install` (the test extra in pyproject.toml) and is imported on first use, not with this
+# module: infra/labelstudio/control.py imports alive() and port_in_use() from here under whatever `python3` runs
+# labelstudio.sh, which may lack it (see alive()).
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ..., starttime at 19]."""
+def _psutil():
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
+        import psutil
+    except ModuleNotFoundError as missing:
+        raise ServiceError(f"psutil is not installed for {sys.executable}: run `make install`") from missing
+    return psutil
 
 
 def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone).
+
+    Without psutil (control.py under a bare python3) the state letter is read from /proc/<pid>/stat instead.
+    """
+    try:
+        import psutil
+    except ModuleNotFoundError:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):  # ZombieProcess is a NoSuchProcess too
+        return False
+    except psutil.AccessDenied:  # someone else's process: it exists
+        return True
 
 
 def _argv(pid: int) -> list[str]:
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    return []
+    psutil = _psutil()
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return []
 
 
 def _environ(pid: int) -> dict[str, str]:
     """The environment a process started with."""
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
-        entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-        return dict(entry.split("=", 1) for entry in entries if "=" in entry)
-    return {}
+    psutil = _psutil()
+    try:
+        return psutil.Process(pid).environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return {}
 
 
 def _option(argv: list[str], flag: str) -> str | None:
@@ -180,46 +201,63 @@ def _is_ours(pid: int, name: str) -> bool:
             and _environ(pid).get(MARKER) == marker(name))
 
 
-def _process_table() -> dict[int, list[str]]:
+def _process_table() -> dict[int, tuple[int, int, int, object]]:
+    """Every process: pid -> (parent pid, process group, session, its psutil.Process).
+
+    Fresh psutil.Process objects, not process_iter()'s cached ones: a cached object can predate a reuse of its pid.
+    """
+    psutil = _psutil()
     table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
-            table[int(entry)] = fields
+    for pid in psutil.pids():
+        try:
+            process = psutil.Process(pid)
+            table[pid] = (process.ppid(), os.getpgid(pid), os.getsid(pid), process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
+            continue  # gone since it was listed (or not ours to see)
     return table
 
 
-def _family(leader: int) -> dict[int, str]:
-    """The leader, its descendants and the members of its process group and session: pid -> start time.
+def _family(leader: int) -> dict[int, object]:
+    """The leader, its descendants and the members of its process group and session: pid -> psutil.Process.
 
-    Children that moved to a session of their own (Prefect's flow runs, Ray's reaper) are found through their parents,
-    so this runs before any signal: an orphan is reparented away and can no longer be traced to us.
+    Each psutil.Process holds the start time of the process it was made for, which is how _still_running tells it from
+    a later process with the same pid. Children that moved to a session of their own (Prefect's flow runs, Ray's
+    reaper) are found through their parents, so this runs before any signal: an orphan is reparented away and can no
+    longer be traced to us.
     """
     table = _process_table()
-    family = {pid: fields[19] for pid, fields in table.items()
-              if pid == leader or int(fields[2]) == leader or int(fields[3]) == leader}
+    family = {pid: process for pid, (_, group, session, process) in table.items()
+              if pid == leader or group == leader or session == leader}
     grew = True
     while grew:
-        children = {pid: fields[19] for pid, fields in table.items()
-                    if int(fields[1]) in family and pid not in family}
+        children = {pid: process for pid, (parent, _, _, process) in table.items()
+                    if parent in family and pid not in family}
         family.update(children)
         grew = bool(children)
     return family
 
 
-def _still_running(family: dict[int, str]) -> dict[int, str]:
-    """The members that still run as the same processes (same start time: not a pid reused since)."""
+def _still_running(family: dict[int, object]) -> dict[int, object]:
+    """The members that still run as the same processes (same start time: not a pid reused since), zombies excluded."""
+    psutil = _psutil()
     running = {}
-    for pid, started in family.items():
-        fields = _stat(pid)
-        if fields is not None and fields[0] != "Z" and fields[19] == started:
-            running[pid] = started
+    for pid, process in family.items():
+        try:
+            # is_running() compares the start time psutil read when the object was made with the pid's current one
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running[pid] = process
+        except psutil.NoSuchProcess:  # gone (or a zombie) between the two calls
+            continue
     return running
 
 
-def _signal(family: dict[int, str], leader: int, sig: signal.Signals) -> None:
+def _signal(family: dict[int, object], leader: int, sig: signal.Signals) -> None:
     """One signal to each: the leader's group at once, then each member outside it (a second SIGTERM often means
     "force", e.g. to Prefect's worker). The group is signalled only while one of the family is still in it."""
-    groups = {pid: int(fields[2]) for pid in _still_running(family) if (fields := _stat(pid)) is not None}
+    groups = {}
+    for pid in _still_running(family):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            groups[pid] = os.getpgid(pid)
     if leader in groups.values():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(leader, sig)  # the leader started its own session: its group id is its pid
@@ -236,7 +274,7 @@ def _reap(pids) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def _terminate(leader: int, timeout_s: float, family: dict[int, str] | None = None) -> None:
+def _terminate(leader: int, timeout_s: float, family: dict[int, object] | None = None) -> None:
     """SIGTERM to the leader's group and every descendant, SIGKILL to whatever still runs after `timeout_s`.
 
     `family` is the leader's family when it was walked earlier (the leader may be gone since); else it is walked now.

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from infra import services
@@ -55,15 +56,19 @@ def isolate(env: pytest.MonkeyPatch, state: Path) -> dict[str, int]:
 def processes_of(state: Path) -> dict[int, int]:
     """pid -> parent pid of every live process whose command line or environment mentions the state dir."""
     found = {}
-    needle = str(state).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    needle = str(state)
+    for pid in psutil.pids():
+        if pid == os.getpid():
             continue
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            text = Path(f"/proc/{entry}/cmdline").read_bytes() + Path(f"/proc/{entry}/environ").read_bytes()
-            if fields[0] != "Z" and needle in text:
-                found[int(entry)] = int(fields[1])
+        with contextlib.suppress(psutil.Error, OSError):  # gone since listed, a zombie, or not ours to read
+            process = psutil.Process(pid)
+            with process.oneshot():
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                parent = process.ppid()
+                text = "\0".join([*process.cmdline(), *(f"{k}={v}" for k, v in process.environ().items())])
+            if needle in text:
+                found[pid] = parent
     return found
 
 
@@ -185,11 +190,11 @@ def test_up_starts_every_service_healthy_and_says_where(stack):
     assert len(lines) == 5 and all(" running " in line and line.endswith("healthy") for line in lines), lines
 
     # the worker (and so every flow run) points at these servers
-    worker = Path(f"/proc/{report['prefect-worker']['pid']}/environ").read_bytes().decode().split("\0")
+    worker = psutil.Process(report["prefect-worker"]["pid"]).environ()
     for variable, value in (("PREFECT_API_URL", f"{prefect}/api"), ("MLFLOW_TRACKING_URI", mlflow),
                             ("INSTRUCTFLOW_STATE_DIR", str(state)), ("RAY_ADDRESS", endpoints["RAY_ADDRESS"]),
                             ("RAY_AUTH_MODE", "token")):
-        assert f"{variable}={value}" in worker
+        assert worker.get(variable) == value, variable
 
     # no password or token in anything printed or logged here
     admin = json.loads((state / "labelstudio" / "credentials.json").read_text())
