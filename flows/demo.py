@@ -12,6 +12,8 @@ best-of-K, KL to SFT and readability, and where to look (MLflow UI command, Labe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import time
@@ -23,6 +25,7 @@ from flows.stages import sft_flow
 from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, JudgeParams, PPOParams,
                           PretrainParams, RankParams, RewardParams, SampleParams, SFTParams, TaskParams,
                           TokenizerParams)
+from tasks.report_card import write_report_card
 from tasks.reports import stage_timings, training_summary
 from tasks.settings import mlflow_tracking_uri, state_dir
 from tasks.stats import proportion_interval, with_interval
@@ -52,7 +55,7 @@ DEMO_RANK = RankParams(project="instructflow demo ranking", labeler="simulated",
 # KL control (measured with experiments/review_round.py, one seed each, 300 held-out prompts): a fixed beta of 0.1
 # won 87% at 7.8 nats, 0.15 won 86% at 4.9, 0.2 won 81% at 3.6, 0.3 won 78% at 2.8. Ziegler et al.'s adaptive
 # controller holds the KL near its target; it needs a short horizon to move at all in 32 iterations.
-DEMO_REWARD = RewardParams(learning_rate=1e-3, batch_size=32, epochs=4, eval_every=50)
+DEMO_REWARD = RewardParams(learning_rate=1e-3, batch_size=32, epochs=3, eval_every=50)
 DEMO_PPO = PPOParams(prompts="reviews", n_prompts=1500, total_episodes=2048, batch_size=64, mini_batches=4,
                      ppo_epochs=4, learning_rate=1e-4, beta=0.2, kl_target=3.3, kl_horizon=512, warmup_iterations=2,
                      max_new_tokens=24, missing_end_penalty=None, checkpoint_every=8)
@@ -121,12 +124,27 @@ def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
     policy = sft_flow(result["checkpoint"], result["tokenizer"], DEMO_DEMONSTRATIONS, DEMO_SFT)
     feedback = rlhf(policy, result["tokenizer"], 1, sample_params=DEMO_SAMPLE, rank_params=DEMO_RANK,
                     reward_params=DEMO_REWARD, ppo_params=DEMO_PPO, judge_params=DEMO_JUDGE)
+    wall_s = time.perf_counter() - started
+    timings = (stage_timings(result["mlflow_run_id"])
+               | stage_timings(feedback["mlflow_run_id"], ("sample", "rank", "reward", "ppo", "judge")))
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        print_summary(result, policy, feedback, wall_s, timings)
+    print(summary.getvalue())
+    card = write_report_card(state_dir() / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+                             title="instructflow demo: report card", summary=summary.getvalue(),
+                             run_ids=[result["mlflow_run_id"], feedback["mlflow_run_id"]],
+                             log_on=result["mlflow_run_id"], timings=timings, wall_s=wall_s)
+    print(f"report card: {card} (also under report/ in MLflow run {result['mlflow_run_id']})")
+    return result
+
+
+def print_summary(result: dict, policy: str, feedback: dict, wall_s: float, timings: dict[str, float]) -> None:
+    """Every headline figure of the demo, with its n and 95% interval."""
     round_1 = feedback["rounds"][0]
     summary = training_summary(result["mlflow_run_id"])
-    print(f"\nthe demo took {time.perf_counter() - started:.0f} s (stages reused from an earlier run only their check); "
+    print(f"the demo took {wall_s:.0f} s (stages reused from an earlier run only their check); "
           f"MLflow runs: pipeline {result['mlflow_run_id']}, feedback round {feedback['mlflow_run_id']}")
-    for stage, seconds in (stage_timings(result["mlflow_run_id"])
-                           | stage_timings(feedback["mlflow_run_id"], ("sample", "rank", "reward", "ppo", "judge"))).items():
+    for stage, seconds in timings.items():
         print(f"  {stage:<10} {seconds:6.1f} s")
     print(f"pretrain: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
           f"final val loss {summary['final_val_loss']:.3f} after {summary['steps']} steps")
@@ -154,7 +172,6 @@ def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
     print("chat with the result (policy@champion, else the SFT model):\n  .venv/bin/instructflow chat")
     print(f"open the MLflow UI on this state:\n  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000 "
           f"--backend-store-uri {mlflow_tracking_uri()}")
-    return result
 
 
 if __name__ == "__main__":

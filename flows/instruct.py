@@ -11,7 +11,15 @@ from tasks.params import DemonstrationParams, RankParams, SampleParams, SFTParam
 from tasks.stages import pipeline_run, sample, sft
 
 
-@flow(name="rank", log_prints=True)
+def rank_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters.get("params") or {}
+    name = params.get("round") if isinstance(params, dict) else getattr(params, "round", None)
+    return f"rank-{name or 'round'}"
+
+
+@flow(name="rank", log_prints=True, flow_run_name=rank_run_name)
 def rank(samples_uri: str, k: int = 4, params: RankParams = RankParams(), parent_run_id: str | None = None) -> dict:
     """Send sampled responses to Label Studio, wait for rankings (or collect what is done), append the comparisons."""
     simulated = params.labeler == "simulated"

@@ -18,7 +18,16 @@ from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promot
 from tasks.stages import pipeline_run, resolve_model, sample
 
 
-@flow(name="rlhf", log_prints=True)
+def round_run_name() -> str:
+    """The flow run's name: its round (a scheduled round is named by its scheduled start), e.g. rlhf-round-20261203T0900."""
+    rank = flow_run.parameters.get("rank_params") or RankParams()
+    name = rank.get("round") if isinstance(rank, dict) else getattr(rank, "round", None)
+    if not name or name == "auto":
+        name = f"round-{flow_run.scheduled_start_time:%Y%m%dT%H%M}"
+    return f"rlhf-{name}"
+
+
+@flow(name="rlhf", log_prints=True, flow_run_name=round_run_name)
 def rlhf(
     sft_uri: str = "models:/sft/latest",
     tokenizer_uri: str | None = None,

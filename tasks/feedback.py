@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model.errors import InstructflowError
 from tasks import tracking
+from tasks.artifacts import publish_link
 from tasks.settings import state_dir
 
 PROJECT_DESCRIPTION = "instructflow: rank the model's responses to each prompt, best first (ties allowed)."
@@ -90,6 +91,9 @@ def send_for_ranking(samples_uri: str, project: str, levels: int, seed: int, rou
     url, _ = labelstudio.connection()
     get_run_logger().info("Label Studio project %r (%s/projects/%d): %d tasks imported, %d already there",
                           project, url, project_id, counts["imported"], counts["already_present"])
+    publish_link(f"{url}/projects/{project_id}", f"Label Studio project {project!r}", key="label-studio-project",
+                 description="where the responses of this round are ranked (log in with the credentials in the state "
+                             "dir's labelstudio folder)")
     return {"project_id": project_id, "url": f"{url}/projects/{project_id}", "imported": counts["imported"],
             "already_present": counts["already_present"], "unrankable": counts["unrankable"]}
 

@@ -44,6 +44,7 @@ def worker_loop(job: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.console import Progress
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
     rank, world, runtime = worker_runtime(job)
@@ -67,10 +68,12 @@ def worker_loop(job: dict) -> None:
         optimizer.load_state_dict(extra["optimizer"])
         state = FinetuneState(step=extra["step"])
     ddp = ray.train.torch.prepare_model(model)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    total = -(-len(train_examples) // cfg.batch_size) * cfg.epochs
+    progress = Progress("finetune", total, show=("loss", "val_accuracy"), initial=state.step)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
+        else NullMetricBuffer()
     if state.step:
         metrics.mark_resume(state.step)
-    total = -(-len(train_examples) // cfg.batch_size) * cfg.epochs
 
     def report(state: FinetuneState) -> None:
         if state.step % job["checkpoint_every"] and state.step != total:

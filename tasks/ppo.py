@@ -58,6 +58,7 @@ def worker_loop(job: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.console import Progress
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
     rank, world, runtime = worker_runtime(job)
@@ -90,8 +91,10 @@ def worker_loop(job: dict) -> None:
     resumed_from = state.episodes
     ddp_policy = ray.train.torch.prepare_model(policy)
     ddp_value = ray.train.torch.prepare_model(value)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, watch="objective/kl") if rank == 0 and job["run_id"] \
-        else NullMetricBuffer()
+    progress = Progress("ppo", cfg.total_episodes, unit="episode", show=("objective/scores", "objective/kl"),
+                        initial=resumed_from)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, watch="objective/kl", progress=progress) \
+        if rank == 0 and job["run_id"] else NullMetricBuffer()
     if resumed_from:
         metrics.mark_resume(resumed_from)
 

@@ -30,6 +30,7 @@ from model.generate import generate
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig, TrainState, make_optimizer, train
+from tasks.console import quiet_libraries, quiet_ray_driver, ray_logging_config
 from tasks.runtime import Runtime, choose_runtime, matmul_peak_flops
 from tasks.settings import ray_address, ray_temp_dir, state_dir
 
@@ -70,9 +71,10 @@ def _attach_to_cluster(address: str) -> None:
     if "RAY_AUTH_MODE" not in os.environ and _token_at_hand():
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     # Workers on other nodes start with that node's environment: send them where this driver logs to.
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "INSTRUCTFLOW_VERBOSE"))}
     try:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": forwarded})
+        quiet_ray_driver()
     except (ConnectionError, AuthenticationError) as e:
         if _refused_for_auth(e):
             raise InstructflowError(
@@ -122,8 +124,10 @@ def _start_local_ray() -> None:
     import ray
 
     _ensure_ray_token()
+    quiet_libraries()  # after `import ray`, which sets its loggers' levels
     ray.init(_temp_dir=str(ray_temp_dir()), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=False)
+    quiet_ray_driver()
 
 
 def _start_local_ray_in_keeper_thread() -> None:
@@ -192,6 +196,7 @@ def fit_trainer(loop: Callable[[dict], None], job: dict, *, name: str, num_worke
             storage_path=str(state_dir() / "ray_results"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            logging_config=ray_logging_config(),
         ),
     )
     result = trainer.fit()
@@ -206,6 +211,7 @@ def worker_runtime(job: dict) -> tuple[int, int, Runtime]:
     import ray.train.torch
 
     context = ray.train.get_context()
+    quiet_libraries()
     torch.set_num_threads(job["cpus_per_worker"])  # Ray pins a worker to 1 thread unless told otherwise
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -217,6 +223,7 @@ def worker_loop(job: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.console import Progress
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
     rank, _, runtime = worker_runtime(job)
@@ -241,7 +248,9 @@ def worker_loop(job: dict) -> None:
     ddp = ray.train.torch.prepare_model(model)  # DistributedDataParallel when there are several workers
     if job["compile"]:
         ddp = torch.compile(ddp)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    progress = Progress("pretrain", cfg.max_steps, initial=state.step)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
+        else NullMetricBuffer()
     if state.step:
         metrics.mark_resume(state.step)
 

@@ -157,6 +157,7 @@ def worker_loop(job: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.console import Progress
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
     rank, world, runtime = worker_runtime(job)
@@ -178,10 +179,12 @@ def worker_loop(job: dict) -> None:
         optimizer.load_state_dict(extra["optimizer"])
         state = RewardState(step=extra["step"])
     ddp = ray.train.torch.prepare_model(model)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    total = cfg.total_steps(len(data["train"]))
+    progress = Progress("reward model", total, show=("loss", "val_accuracy"), initial=state.step)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
+        else NullMetricBuffer()
     if state.step:
         metrics.mark_resume(state.step)
-    total = cfg.total_steps(len(data["train"]))
 
     def on_step_end(state: RewardState) -> None:
         if state.step % job["checkpoint_every"] and state.step != total:

@@ -20,6 +20,7 @@ from model.errors import InstructflowError
 from model.files import atomic_write
 from model.tokenizer import Tokenizer
 from tasks import tracking
+from tasks.artifacts import publish_table
 from tasks.params import JudgeParams, PPOParams, RewardParams
 from tasks.stages import cached_stage, read_model_config, resolve_model
 
@@ -240,7 +241,10 @@ def judge(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tok
         tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
                              step=0)
         tracking.client().log_artifact(run_id, str(out / "samples.json"))
+        tracking.client().log_table(run_id, {k: [row[k] for row in table] for k in table[0]}, "answers.json")
         tracking.client().log_artifact(run_id, str(path))
+        publish_table(table[:50], key="judged-answers",
+                      description=f"the first 50 of {len(table)} judged answers: policy vs baseline, with their scores")
         tracking.set_tags(run_id, {"instructflow.input.policy": policy_uri, "instructflow.input.baseline": baseline_uri})
         return path
 

@@ -41,6 +41,7 @@ def worker_loop(job: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.console import Progress
     from tasks.tracking import MetricBuffer, NullMetricBuffer
 
     rank, world, runtime = worker_runtime(job)
@@ -61,7 +62,9 @@ def worker_loop(job: dict) -> None:
         optimizer.load_state_dict(extra["optimizer"])
         state = SFTState(step=extra["step"], best_val_loss=extra["best_val_loss"], best_step=extra["best_step"])
     ddp = ray.train.torch.prepare_model(model)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX) if rank == 0 and job["run_id"] else NullMetricBuffer()
+    progress = Progress("sft", job["total_steps"], initial=state.step)
+    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
+        else NullMetricBuffer()
     if state.step:
         metrics.mark_resume(state.step)
 

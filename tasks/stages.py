@@ -23,6 +23,7 @@ from model.files import atomic_write
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig
 from tasks import tracking
+from tasks.artifacts import publish_link
 from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, PretrainParams,
                           SampleParams, SFTParams, TaskParams, TokenizerParams)
 from tasks.settings import stage_dir
@@ -49,11 +50,13 @@ def _cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
         get_run_logger().info("%s: inputs and config unchanged, reusing MLflow run %s", stage, previous.run_id)
         if parent_run_id:
             tracking.set_tags(parent_run_id, {f"instructflow.reused.{stage}": previous.run_id})
+        link_run(stage, previous.run_id, reused=True)
         return previous.output_uri
     if previous is not None and not previous.finished:
         run_id = tracking.reopen_stage_run(previous.run_id)
     else:
         run_id = tracking.create_stage_run(stage, key, params, parent_run_id)
+    link_run(stage, run_id, reused=False)
     try:
         output = build(run_id, stage_dir(stage, key))
     except BaseException as error:
@@ -62,6 +65,13 @@ def _cached_stage(stage: str, key: str, params: dict, parent_run_id: str | None,
         raise
     tracking.finish_stage_run(run_id, str(output))
     return str(output)
+
+
+def link_run(stage: str, run_id: str, reused: bool) -> None:
+    """A Prefect link artifact from the stage's task run to its MLflow run."""
+    publish_link(tracking.run_url(run_id), f"MLflow run {run_id[:8]} ({stage})", key=f"{stage}-mlflow-run",
+                 description=f"{stage}: {'reused the' if reused else 'the'} MLflow run with its params, metrics and "
+                             f"outputs (for a local SQLite store, open it with `mlflow ui --port 5000`)")
 
 
 @task(name="ingest", cache_policy=NO_CACHE)

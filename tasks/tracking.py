@@ -6,6 +6,9 @@ threads and Ray workers can log safely. Params hold configs only: tokens and pas
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +102,13 @@ def create_stage_run(stage: str, key: str, params: Mapping[str, object], parent_
     return _create_run(stage, tags, params)
 
 
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's, or `mlflow ui`'s default address for a local store."""
+    uri = mlflow_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id()}/runs/{run_id}"
+
+
 def reopen_stage_run(run_id: str) -> str:
     """Mark an unfinished stage run RUNNING again: a re-run continues it, so its curves continue."""
     client().update_run(run_id, status="RUNNING")
@@ -110,9 +120,32 @@ def start_pipeline_run(name: str, params: Mapping[str, object]) -> str:
     return _create_run(name, {"instructflow.flow": name}, params)
 
 
+@functools.cache
+def git_commit() -> str:
+    """The checkout's commit (with "+ local changes" when tracked files differ), or "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" + local changes" if dirty else "")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags: the UI shows the commit and the entry point of every run."""
+    commit = git_commit()
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name or "python"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.split()[0]
+        tags["instructflow.source.dirty"] = str(commit.endswith("local changes")).lower()
+    return tags
+
+
 def _create_run(name: str, tags: Mapping[str, str], params: Mapping[str, object]) -> str:
     tracking = client()
-    run = tracking.create_run(experiment_id(), run_name=name, tags=dict(tags))
+    run = tracking.create_run(experiment_id(), run_name=name, tags={**source_tags(), **tags})
     tracking.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
     return run.info.run_id
 
@@ -169,13 +202,16 @@ class MetricBuffer:
     continues with no step logged twice (`watch` names the metric whose last step marks the resume point).
     """
 
-    def __init__(self, run_id: str, prefix: str, watch: str = "loss") -> None:
+    def __init__(self, run_id: str, prefix: str, watch: str = "loss", progress=None) -> None:
         self.run_id, self.prefix = run_id, prefix
+        self.progress = progress  # a tasks.console.Progress shown on the console as steps come
         history = client().get_metric_history(run_id, f"{prefix}{watch}")
         self.logged_through = max((m.step for m in history), default=-1)  # -1: step 0 (a baseline) is new too
         self.pending: list[tuple[dict, int]] = []
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(step, metrics)
         if step > self.logged_through:
             self.pending.append((dict(metrics), step))
 
