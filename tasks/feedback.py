@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import Field
 
 from model.errors import InstructflowError
 from tasks import tracking
@@ -81,10 +82,11 @@ def send_for_ranking(samples_uri: str, project: str, levels: int, seed: int, rou
     With `simulated_noise` (a round ranked by the SIMULATED labeler) every new task is imported already ranked by
     it, in the same request: the same rankings it would post one by one, a hundred times faster."""
     from tasks import labelstudio
-    from tasks.ranking import import_tasks, project_levels, ranking_config, simulated_importer
+    from tasks.ranking import INSTRUCTIONS, import_tasks, project_levels, ranking_config, simulated_importer
 
     ls = labelstudio.client()
-    project_id = labelstudio.find_or_create_project(project, ranking_config(levels), PROJECT_DESCRIPTION, ls=ls)
+    project_id = labelstudio.find_or_create_project(project, ranking_config(levels), PROJECT_DESCRIPTION, ls=ls,
+                                                    instructions=INSTRUCTIONS)
     annotate = None if simulated_noise is None else simulated_importer(
         gold_preference, noise=simulated_noise, seed=seed, levels=project_levels(project_id, ls), ls=ls)
     counts = import_tasks(project_id, ranking_items(samples_uri, round_name), seed=seed, ls=ls, annotate=annotate)
@@ -128,8 +130,8 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
     from prefect.input import RunInput
 
     class RankingsReady(RunInput):
-        resumed_by: str = "person"
-        note: str = ""
+        resumed_by: str = Field("person", description="who resumes the round (kept in the round's log)")
+        note: str = Field("", description="optional: anything the next reader of this round should know")
 
     log = get_run_logger()
     done, total = ranked_tasks(project_id)
@@ -138,11 +140,16 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
     stop = threading.Event()
 
     def watch() -> None:
+        last_said = time.monotonic()
         while not stop.wait(poll_s):
             try:
-                if ranked_tasks(project_id)[0] >= target:
+                ranked = ranked_tasks(project_id)[0]
+                if ranked >= target:
                     resume_flow_run(flow_run_id, run_input={"resumed_by": "enough-ranked"})
                     return
+                if time.monotonic() - last_said >= 60:  # people rank for minutes: say where they are
+                    log.info("%d of %d tasks ranked (resuming at %d)", ranked, total, target)
+                    last_said = time.monotonic()
             except Exception as e:  # a flaky poll is retried; the pause's own timeout bounds the wait
                 log.warning("could not poll Label Studio (%s); trying again", e)
 
@@ -153,7 +160,11 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
     watcher = threading.Thread(target=watch, name="ranking-watcher", daemon=True)
     watcher.start()
     try:
-        answer = pause_flow_run(wait_for_input=RankingsReady, timeout=timeout_s, poll_interval=min(poll_s, 10),
+        form = RankingsReady.with_initial_data(description=(
+            f"**Rank the responses in Label Studio**: open [the project]({url}), and for each task order the "
+            f"cards from best to worst. {done} of {total} tasks are ranked now; the round goes on by itself once "
+            f"{target} are. Resume here to go on with what is ranked so far."))
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=min(poll_s, 10),
                                 key=f"rankings-{project_id}")
     except Exception as e:
         if "timed out" in str(e).lower() or type(e).__name__ == "FlowPauseTimeout":

@@ -49,14 +49,18 @@ def client() -> LabelStudio:
     return LabelStudio(base_url=url, api_key=key)  # always pass base_url: the SDK's default is localhost:8000
 
 
-def find_or_create_project(title: str, label_config: str, description: str = "", ls: LabelStudio | None = None) -> int:
-    """Id of the project titled exactly `title` (the oldest if several), else of a new one; an existing one is kept."""
+def find_or_create_project(title: str, label_config: str, description: str = "", ls: LabelStudio | None = None,
+                           instructions: str = "") -> int:
+    """Id of the project titled exactly `title` (the oldest if several), else of a new one; an existing one is kept.
+
+    `instructions` go into the project's own Instructions field, which Label Studio shows before the first task."""
     ls = ls or client()
     # the API's title filter is a substring match ("ranking" also finds "ranking v2"): compare exactly
     same = [p.id for p in ls.projects.list(title=title) if p.title == title]
     if same:
         return min(same)
-    return ls.projects.create(title=title, label_config=label_config, description=description).id
+    extra = {"expert_instruction": instructions, "show_instruction": True} if instructions else {}
+    return ls.projects.create(title=title, label_config=label_config, description=description, **extra).id
 
 
 def create_user(email: str, password: str | None = None, first_name: str = "", last_name: str = "",

@@ -33,6 +33,7 @@ import json
 import math
 import random
 import re
+import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -132,9 +133,11 @@ def ranking_task(item: dict, seed: int) -> dict | None:
     if len(unique) < 2:
         return None
     key = task_key(prompt, list(unique))
-    candidates = sorted(({"id": _candidate_id(key, text), "title": "Response", "body": text} for text in unique),
-                        key=lambda c: c["id"])
+    candidates = sorted(({"id": _candidate_id(key, text), "body": text} for text in unique), key=lambda c: c["id"])
     random.Random(f"{seed}:{key}").shuffle(candidates)
+    for n, candidate in enumerate(candidates):  # cards a labeler can name: "B beats D"
+        letter = string.ascii_uppercase[n] if n < 26 else str(n + 1)
+        candidate["title"] = letter if candidate["body"].strip() else f"{letter} (empty response)"
     return {
         "prompt": prompt,
         LIST: candidates,

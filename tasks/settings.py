@@ -88,6 +88,8 @@ def apply_environment() -> None:
     defaults = {
         "PREFECT_HOME": state / "prefect",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the project's own log lines (tasks.*, flows.*) reach the flow run's log in the Prefect UI too
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,flows",
         # a cold ephemeral server takes 12-26 s on 2 cores; Prefect's default of 20 s is too tight
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "RAY_USAGE_STATS_ENABLED": "0",

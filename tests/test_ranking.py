@@ -176,7 +176,10 @@ def test_task_key_and_task_data():
     ids = [c["id"] for c in task["candidates"]]
     assert ids == [ranking._candidate_id(key, c["body"]) for c in task["candidates"]]
     assert all(i.startswith("r") and len(i) == 13 for i in ids)  # opaque: no order or origin hint
-    assert {c["title"] for c in task["candidates"]} == {"Response"}
+    assert [c["title"] for c in task["candidates"]] == ["A", "B", "C"]  # in the order shown
+    blank = ranking.ranking_task(item("Say nothing.", "", "Something."), seed=0)["candidates"]
+    assert sorted(c["title"] for c in blank) == ["A", "B (empty response)"] or \
+        sorted(c["title"] for c in blank) == ["A (empty response)", "B"]
     assert {task["responses"][c["id"]]["id"] for c in task["candidates"]} == {"Nam-0", "Nam-1", "Nam-3"}
     # the shuffle depends on seed and key only: not on the order the responses came in
     again = ranking.ranking_task({**source, "responses": source["responses"][::-1]}, seed=0)
