@@ -25,7 +25,7 @@ from flows.stages import sft_flow
 from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, JudgeParams, PPOParams,
                           PretrainParams, RankParams, RewardParams, SampleParams, SFTParams, TaskParams,
                           TokenizerParams)
-from tasks.report_card import write_report_card
+from tasks.report_card import print_feedback_round, write_report_card  # noqa: F401 (the CLI's rlhf uses it)
 from tasks.reports import stage_timings, training_summary
 from tasks.settings import mlflow_tracking_uri, state_dir
 from tasks.stats import proportion_interval, with_interval
@@ -60,59 +60,6 @@ DEMO_PPO = PPOParams(prompts="reviews", n_prompts=1500, total_episodes=2048, bat
                      ppo_epochs=4, learning_rate=1e-4, beta=0.2, kl_target=3.3, kl_horizon=512, warmup_iterations=2,
                      max_new_tokens=24, missing_end_penalty=None, checkpoint_every=8)
 DEMO_JUDGE = JudgeParams(prompts="reviews", n_prompts=300, max_new_tokens=24)
-
-
-def credentials_file() -> Path:
-    return state_dir() / "labelstudio" / "credentials.json"
-
-
-def print_feedback_round(round_: dict) -> None:
-    """The feedback round's figures, each with its n and 95% interval: comparisons, the reward model's accuracy,
-    the PPO policy's win rate over SFT (temperature 1 and greedy), best-of-K, KL and readability."""
-    from tasks.ranking import read_manifest
-    from tasks.stats import with_interval
-
-    manifest = read_manifest(Path(round_["comparisons"]))
-    rows = sum(v["rows"] for v in manifest.get("versions", []))
-    rm = json.loads((Path(round_["reward"]).parent / "metrics.json").read_text())
-    quality = round_["reward_quality"]
-    who = "the SIMULATED labeler" if round_.get("labeler") == "simulated" else "people"
-    print(f"ranking by {who}: {round_['new_comparisons']} new comparisons, {rows} in {round_['comparisons']}")
-    print(f"reward model: {rm.get('human_rankings', 0)} rankings by people and {rm.get('simulated_rankings', 0)} by "
-          f"the simulated labeler ({rm.get('train_rankings', 0)} for training, {rm.get('val_rankings', 0)} held out; "
-          f"{rm.get('steps', 0)} steps)")
-    if quality["accuracy"] is not None:
-        accuracy = with_interval(quality["accuracy"], (quality["low"], quality["high"]), quality["rankings"])
-        print(f"  held-out accuracy vs the labels {accuracy[:-1]} rankings; {quality['pairs']} pairs)")
-    if rm.get("gold_accuracy") is not None:
-        gold_pairs = int(rm.get("gold_pairs", 0))
-        print(f"  held-out accuracy vs the hidden gold preference {100 * rm['gold_accuracy']:.1f}% on {gold_pairs} pairs")
-    print(f"  look at the ranked tasks: {round_['labelstudio_project']} (log in with {credentials_file()})")
-    if "skipped" in round_:
-        print(f"PPO skipped: {round_['skipped']}")
-        return
-    judged = json.loads(Path(round_["judgement"]).read_text())
-    n = judged["prompts"]
-
-    def rate(prefix: str = "", suffix: str = "") -> str:
-        value = judged[f"{prefix}win_rate{suffix}"]
-        return with_interval(value, (judged[f"{prefix}win_rate{suffix}_low"], judged[f"{prefix}win_rate{suffix}_high"]), n)
-
-    print(f"PPO policy vs SFT on {n} held-out prompts never ranked, judged by the {judged['judge']} preference:")
-    print(f"  win rate at temperature {judged['temperature']:g}: {rate()} ({judged['wins']} wins, {judged['ties']} "
-          f"ties, {judged['losses']} losses; a tie counts half)")
-    if "win_rate_greedy" in judged:
-        print(f"  win rate greedy: {rate(suffix='_greedy')} ({judged['wins_greedy']} wins, {judged['ties_greedy']} ties)")
-    if "best_of_k_win_rate" in judged:
-        print(f"  best-of-{judged['best_of_k']} from SFT picked by the reward model (no PPO): {rate('best_of_k_')}")
-    print(f"  KL to SFT {judged['kl_to_sft']:.2f} nats per answer; answers' loss under SFT {judged['answer_nll']:.2f} "
-          f"nats/token (SFT's own answers: {judged['answer_nll_baseline']:.2f}); reward-model score "
-          f"{judged['reward_policy']:+.2f} vs {judged['reward_baseline']:+.2f}")
-    if "correct_policy" in judged:
-        print(f"  verified-correct answers {100 * judged['correct_policy']:.1f}% vs {100 * judged['correct_baseline']:.1f}%")
-    promotion = round_["promotion"]
-    print(f"policy version {promotion['version']}: " + ("promoted to policy@champion" if promotion["promoted"]
-                                                          else "not promoted (it did not beat the champion)"))
 
 
 def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:

@@ -14,7 +14,9 @@ from prefect.runtime import flow_run
 
 from flows.instruct import rank
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
+from tasks.report_card import round_report_card
 from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promotion, reward, reward_quality
+from tasks.settings import state_dir
 from tasks.stages import pipeline_run, resolve_model, sample
 
 
@@ -78,7 +80,9 @@ def rlhf(
                 promoted = promote(new_policy, versus_champion)
             results.append({**round_, "policy": new_policy, "judgement": versus_sft, "promotion": promoted})
             policy = new_policy
-    return {"mlflow_run_id": run_id, "sft": sft, "tokenizer": tokenizer, "rounds": results}
+    card = round_report_card(run_id, results, state_dir() / "reports" / f"rlhf-{run_id}")
+    print(f"report card: {card} (also under report/ in MLflow run {run_id})")
+    return {"mlflow_run_id": run_id, "sft": sft, "tokenizer": tokenizer, "rounds": results, "report_card": str(card)}
 
 
 def scheduled_round(rank_params: RankParams, sample_params: SampleParams) -> tuple[RankParams, SampleParams]:

@@ -80,6 +80,19 @@ def test_pipeline_runs_every_stage_then_reuses_them(prefect_api, corpus):
     artifacts = {a.path for a in client.list_artifacts(pretrain_run.info.run_id)}
     assert {"samples.txt", "model_config.json"} <= artifacts
     assert client.search_model_versions("name='pretrain'")  # registered
+    assert parent.data.tags["mlflow.source.git.commit"] == pretrain_run.data.tags["mlflow.source.git.commit"]
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+
+    # its report card: report.md with the run's figures and the pretraining curve, logged on the pipeline run
+    from tasks.report_card import write_report_card
+
+    card = write_report_card(corpus.parent / "card", title="test card", summary="pretrain: it learned",
+                             run_ids=[parent.info.run_id], log_on=parent.info.run_id,
+                             timings={"pretrain": 1.0}, wall_s=2.0)
+    text = card.read_text()
+    assert "pretrain: it learned" in text and "| pretrain | 1 |" in text and "![pretrain_loss](pretrain_loss.png)" in text
+    assert {"report/report.md", "report/pretrain_loss.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
     second = pipeline(ingest, TOKENIZER, TINY)
     assert second["checkpoint"] == first["checkpoint"]

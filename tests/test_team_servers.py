@@ -244,6 +244,24 @@ def test_feedback_round_pauses_for_rankings_and_resumes_from_a_run_input(team, s
         assert [r["info"]["status"] for r in team.runs(stage)] == ["FINISHED"]
     assert len(team.versions("reward")) == 1 and len(team.versions("policy")) == 1
 
+    # what the Prefect UI shows about the round: runs named by the round, links to MLflow and Label Studio, the
+    # judged answers and the report card
+    names = {r["id"]: r["name"] for r in team.prefect.post("/flow_runs/filter", json={"limit": 200}).json()}
+    assert names[flow_run] == f"rlhf-{RANK.round}" and names[paused["id"]] == f"rank-{RANK.round}"
+    artifacts = team.prefect.post("/artifacts/filter", json={"limit": 200}).raise_for_status().json()
+    by_key = {}
+    for artifact in artifacts:
+        by_key.setdefault(artifact["key"], []).append(artifact)
+    for stage in ("sample", "reward", "ppo", "judge"):
+        [link] = [a for a in by_key[f"{stage}-mlflow-run"] if a["flow_run_id"] == flow_run]
+        assert link["type"] == "markdown" and f"/#/experiments/" in link["data"]  # Prefect stores a link as markdown
+    [project_link] = by_key["label-studio-project"]
+    assert f"/projects/{project.id}" in project_link["data"] and project_link["flow_run_id"] == paused["id"]
+    [answers] = by_key["judged-answers"]
+    assert answers["type"] == "table" and "policy" in answers["data"]
+    [card] = by_key["report-card"]
+    assert card["type"] == "markdown" and "Wall time per stage" in card["data"] and "win rate" in card["data"]
+
 
 def take_screenshots(chromium, team: Team, flow_run: str, project_id: int) -> None:
     """The three UIs a teammate opens during a feedback round, each checked for what it should show."""
