@@ -33,6 +33,7 @@ def configure_console(verbose: bool = False) -> None:
     if verbose:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # progress lines of two stages can look alike; never fold them
     # Ray Train sends a worker's print() through its logger (at INFO, filtered below): keep print a plain print
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
