@@ -40,6 +40,16 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise InstructflowError(f"checkpoint {directory} is unreadable ({e}); delete it and train again") from None
     model = GPT(config).to(device)
     model.load_state_dict(state)
-    extra_path = directory / "extra.pt"
-    extra = torch.load(extra_path, map_location=device, weights_only=False) if extra_path.exists() else None
-    return model, extra
+    return model, load_extra(directory / "extra.pt", device)
+
+
+def load_extra(path: Path, device: str | torch.device = "cpu") -> dict | None:
+    """A checkpoint's extra state (optimiser, counters), None when there is none. Tensors and plain values only: a
+    file holding any other pickled object is refused, never run (checkpoints travel through shared registries)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InstructflowError(f"{path} holds more than tensors and plain values, or is damaged; it is not loaded "
+                                f"({str(e).splitlines()[0][:200]}). Use a checkpoint this project wrote") from None

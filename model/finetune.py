@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.checkpoint import load_extra
 from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_directory
@@ -352,6 +353,4 @@ def load_task_model(directory, device="cpu") -> tuple[TaskModel, dict, dict | No
     n_classes = task["n_outputs"] if task["kind"] != "multiple_choice" else 2
     model = TaskModel(gpt, task["kind"], n_classes)
     model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True))
-    extra_path = directory / "extra.pt"
-    extra = torch.load(extra_path, map_location=device, weights_only=False) if extra_path.exists() else None
-    return model.to(device), task, extra
+    return model.to(device), task, load_extra(directory / "extra.pt", device)

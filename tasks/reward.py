@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, load_extra
 from model.errors import InstructflowError
 from model.files import atomic_write
 from model.reward import (Ranking, RewardConfig, RewardModel, RewardState, load_reward_model, normalise,
@@ -175,7 +175,7 @@ def worker_loop(job: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model.load_state_dict(load_reward_model(directory, device).state_dict())
-            extra = torch.load(Path(directory) / "extra.pt", map_location=device, weights_only=False)
+            extra = load_extra(Path(directory) / "extra.pt", device)
         optimizer.load_state_dict(extra["optimizer"])
         state = RewardState(step=extra["step"])
     ddp = ray.train.torch.prepare_model(model)

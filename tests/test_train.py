@@ -102,3 +102,25 @@ def test_checkpoint_round_trip_and_no_half_written_directory(tmp_path):
     (path / "model.pt").write_bytes(b"garbage")
     with pytest.raises(InstructflowError, match="unreadable"):
         load_checkpoint(path)
+
+
+class _Payload:
+    """Stands for whatever a hostile checkpoint could carry: unpickling it would run its __reduce__."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(tmp_path, capsys):
+    model = tiny_model()
+    # an optimiser's state and counters load: tensors and plain values
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward()
+    optimizer.step()
+    path = save_checkpoint(model, tmp_path / "ok", extra={"optimizer": optimizer.state_dict(), "step": 1,
+                                                         "betas": (0.9, 0.95), "round": "r1"})
+    assert load_checkpoint(path)[1]["step"] == 1
+    torch.save({"step": 1, "payload": _Payload()}, path / "extra.pt")
+    with pytest.raises(InstructflowError, match="holds more than tensors and plain values"):
+        load_checkpoint(path)
+    assert "this must never run" not in capsys.readouterr().out
