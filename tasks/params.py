@@ -197,6 +197,10 @@ class SampleParams(Params):
         return list(dict.fromkeys(prompts))[:self.n_prompts]
 
 
+# Names that become folder names (datasets, rounds): no path separators, no "..", no NUL, nothing hidden
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
+
+
 class RankParams(Params):
     project: str = Field("instructflow ranking", min_length=3, description="Label Studio project title (found by exact match, else created)")
     labeler: Literal["people", "simulated"] = Field("people", description="'simulated': the SIMULATED labeler ranks by its gold preference")
@@ -204,14 +208,16 @@ class RankParams(Params):
     wait: Literal["pause", "collect"] = Field("pause", description="'pause' until resumed or min_done tasks are ranked; 'collect' what is done now (schedules)")
     min_done: int | None = Field(None, ge=1, description="resume by itself once this many tasks are ranked (None: all)")
     timeout_s: int = Field(3600, ge=1, description="longest pause; then what is ranked is collected")
-    dataset: str = Field("comparisons", description="the comparisons dataset to append to")
-    round: str = Field("round-1", description="a label stored with every task (the feedback round); 'auto': "
-                       "named after the flow run's scheduled time, so each scheduled run is a new round")
+    dataset: str = Field("comparisons", pattern=SAFE_NAME, description="the comparisons dataset to append to "
+                         "(a folder name: letters, digits, '.', '_', '-')")
+    round: str = Field("round-1", pattern=SAFE_NAME, description="a label stored with every task (the feedback "
+                       "round); 'auto': named after the flow run's scheduled time, so each scheduled run is a new round")
     seed: int = 0
 
 
 class RewardParams(Params):
-    dataset: str = Field("comparisons", description="the comparisons dataset (under <state>/datasets/) to train on")
+    dataset: str = Field("comparisons", pattern=SAFE_NAME,
+                         description="the comparisons dataset (a folder under <state>/datasets/) to train on")
     version: int | None = Field(None, ge=1, description="train on versions 1..N of the dataset (None: all so far)")
     labeler: Literal["people", "simulated", "all"] | None = Field(
         None, description="whose rankings to train on: people's, the simulated labeler's, or 'all' (mixed). None: in a "

@@ -22,10 +22,19 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def state_dir() -> Path:
-    """The state directory, created on first use."""
+    """The state directory, created on first use, readable by this user only (0700): it holds checkpoints, the
+    services' databases and their tokens."""
     path = Path(os.environ.get("INSTRUCTFLOW_STATE_DIR") or CHECKOUT / ".instructflow").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private(path)
     return path
+
+
+def private(path: Path) -> None:
+    """Make a directory this user owns 0700 (one made by an older version, or under a loose umask)."""
+    info = path.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        path.chmod(0o700)
 
 
 def cache_dir() -> Path:

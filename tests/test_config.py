@@ -68,3 +68,27 @@ def test_overrides_and_round_trip():
         config_for("tiny", n_layers=3)
     with pytest.raises(InstructflowError, match="unknown GPTConfig fields"):
         GPTConfig.from_dict({**config.to_dict(), "rotary": True})
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/path", "a/b", "a\x00b", ".hidden", "a..b", "", "x/../y", "a\\b"])
+def test_names_that_become_folders_cannot_escape_the_state_dir(name):
+    from pydantic import ValidationError
+
+    from tasks.params import RankParams, RewardParams
+
+    for build in (lambda: RankParams(dataset=name), lambda: RankParams(round=name), lambda: RewardParams(dataset=name)):
+        with pytest.raises(ValidationError, match="should match pattern"):
+            build()
+    assert RankParams(dataset="team-2", round="round-20261203T0900.1").dataset == "team-2"
+
+
+def test_the_state_dir_is_private_to_its_user(tmp_path, monkeypatch):
+    from tasks.settings import state_dir
+
+    monkeypatch.setenv("INSTRUCTFLOW_STATE_DIR", str(tmp_path / "new" / "state"))
+    assert state_dir().stat().st_mode & 0o777 == 0o700  # created so
+    loose = tmp_path / "old"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    monkeypatch.setenv("INSTRUCTFLOW_STATE_DIR", str(loose))
+    assert state_dir().stat().st_mode & 0o777 == 0o700  # made so

@@ -271,7 +271,10 @@ def main() -> None:
         return set_password(sys.argv[2])
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         fail(f"usage: labelstudio.sh {'|'.join(commands)} | set-password EMAIL (password on stdin)")
-    STATE.mkdir(parents=True, exist_ok=True)
+    STATE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in (STATE.parent, STATE):  # the state dir and this one: the database below holds the API token
+        if folder.stat().st_uid == os.getuid():
+            folder.chmod(0o700)
     if sys.argv[1] == "status":
         return status()
     with open(STATE / "server.lock", "w") as lock:
