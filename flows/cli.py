@@ -152,6 +152,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, 
         params = stage_params(stages, STAGE_COMMANDS[args.command], args)
     if args.command == "rlhf" and args.rounds < 1:
         raise UsageError(f"--rounds: must be at least 1 (got {args.rounds}); give the number of feedback rounds")
+    if args.command == "rlhf" and params["ppo"].ptx_coef > 0 and not args.ptx_tokens:
+        raise UsageError("--ppo.ptx_coef: PPO-ptx needs the pretraining tokens; pass --ptx-tokens TOKENS_JSON "
+                         "(a tokenizer stage's tokens.json)")
     if args.command == "compare":
         try:
             args.seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -199,6 +202,8 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     loop.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the registered model's)")
     loop.add_argument("--rounds", type=int, default=1, help="feedback rounds (default 1)")
     loop.add_argument("--from-champion", action="store_true", help="start from policy@champion instead of SFT")
+    loop.add_argument("--ptx-tokens", default=None, metavar="TOKENS_JSON",
+                      help="the pretraining tokens (a tokenizer stage's tokens.json), for PPO-ptx (--ppo.ptx_coef > 0)")
 
 
 def _add_other_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -288,12 +293,12 @@ def _compare(args: argparse.Namespace, params: dict[str, Params]) -> None:
 
 
 def _rlhf(args: argparse.Namespace, params: dict[str, Params]) -> None:
-    from flows.demo import print_feedback_round
+    from tasks.report_card import print_feedback_round
     from flows.rlhf import rlhf
 
     result = rlhf(args.sft, args.tokenizer, args.rounds, args.from_champion, sample_params=params["sample"],
                   rank_params=params["rank"], reward_params=params["reward"], ppo_params=params["ppo"],
-                  judge_params=params["judge"])
+                  judge_params=params["judge"], ptx_tokens_uri=args.ptx_tokens)
     for round_ in result["rounds"]:
         print(f"\n{round_['round']}:")
         print_feedback_round(round_)

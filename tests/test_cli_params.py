@@ -93,11 +93,13 @@ def test_flags_and_config_reach_the_rlhf_flow(monkeypatch, tmp_path):
     monkeypatch.setattr("tasks.console.configure_console", lambda verbose: calls.append(("console", verbose)))
     monkeypatch.setattr("flows.rlhf.rlhf", lambda *args, **params: calls.append((args, params)) or {"rounds": []})
     (tmp_path / "c.yaml").write_text("ppo: {beta: 0.1, ptx_coef: 2}\njudge: {n_prompts: 10}\n")
-    argv = ["rlhf", "--config", str(tmp_path / "c.yaml"), "--ppo.beta", "0.05", "--sample.top_p", "0.9", "-v"]
+    argv = ["rlhf", "--config", str(tmp_path / "c.yaml"), "--ppo.beta", "0.05", "--sample.top_p", "0.9", "-v",
+            "--ptx-tokens", "tokens.json"]
     assert main(argv) == 0
     _, expected = parse(argv)
     assert calls == [("console", True), (("models:/sft/latest", None, 1, False),
-                                         {f"{stage}_params": p for stage, p in expected.items()})]
+                                         {**{f"{stage}_params": p for stage, p in expected.items()},
+                                          "ptx_tokens_uri": "tokens.json"})]
     assert (expected["ppo"].beta, expected["ppo"].ptx_coef) == (0.05, 2.0)  # the flag overrides the file
     assert expected["judge"].n_prompts == 10 and expected["sample"].top_p == 0.9
 
@@ -153,6 +155,8 @@ def test_a_value_out_of_range_is_one_line(capsys, monkeypatch):
     assert one_error(capsys, ["rlhf", "--rank.labeler", "me"]).startswith("error: --rank.labeler: Input should be "
                                                                           "'people' or 'simulated'")
     assert one_error(capsys, ["rlhf", "--rounds", "0"]).startswith("error: --rounds: must be at least 1")
+    assert one_error(capsys, ["rlhf", "--ppo.ptx_coef", "27.8"]).startswith(
+        "error: --ppo.ptx_coef: PPO-ptx needs the pretraining tokens; pass --ptx-tokens")
     assert one_error(capsys, ["pipeline", "--max-step", "5"]) == (
         "error: unrecognized arguments: --max-step 5; see `instructflow pipeline --help`")
 
