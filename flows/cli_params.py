@@ -134,6 +134,7 @@ def describe(info: FieldInfo) -> str:
     bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata
               for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if hasattr(m, attr)]
     bounds += [f"of at least {m.min_length} characters" for m in info.metadata if hasattr(m, "min_length")]
+    bounds += [f"matching {m.pattern}" for m in info.metadata if getattr(m, "pattern", None)]
     return text + (" " + " and ".join(bounds) if bounds else "") + (", or none" if optional else "")
 
 

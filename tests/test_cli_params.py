@@ -154,6 +154,7 @@ def test_a_value_out_of_range_is_one_line(capsys, monkeypatch):
                                                                       "or equal to 9 (got '12'); give an integer >= 2")
     assert one_error(capsys, ["rlhf", "--rank.labeler", "me"]).startswith("error: --rank.labeler: Input should be "
                                                                           "'people' or 'simulated'")
+    assert one_error(capsys, ["rlhf", "--rank.round", "../x"]).startswith("error: --rank.round: String should match")
     assert one_error(capsys, ["rlhf", "--rounds", "0"]).startswith("error: --rounds: must be at least 1")
     assert one_error(capsys, ["rlhf", "--ppo.ptx_coef", "27.8"]).startswith(
         "error: --ppo.ptx_coef: PPO-ptx needs the pretraining tokens; pass --ptx-tokens")
