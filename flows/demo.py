@@ -25,7 +25,7 @@ from flows.stages import sft_flow
 from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, IngestParams, JudgeParams, PPOParams,
                           PretrainParams, RankParams, RewardParams, SampleParams, SFTParams, TaskParams,
                           TokenizerParams)
-from tasks.report_card import print_feedback_round, write_report_card  # noqa: F401 (the CLI's rlhf uses it)
+from tasks.report_card import print_feedback_round, write_report_card
 from tasks.reports import stage_timings, training_summary
 from tasks.settings import mlflow_tracking_uri, state_dir
 from tasks.stats import proportion_interval, with_interval
