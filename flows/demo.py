@@ -26,7 +26,7 @@ from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, I
                           PretrainParams, RankParams, RewardParams, SampleParams, SFTParams, TaskParams,
                           TokenizerParams)
 from tasks.report_card import print_feedback_round, write_report_card
-from tasks.reports import stage_timings, training_summary
+from tasks.reports import stage_time_of, stage_timings, training_summary
 from tasks.settings import mlflow_tracking_uri, state_dir
 from tasks.stats import proportion_interval, with_interval
 
@@ -72,7 +72,7 @@ def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
     feedback = rlhf(policy, result["tokenizer"], 1, sample_params=DEMO_SAMPLE, rank_params=DEMO_RANK,
                     reward_params=DEMO_REWARD, ppo_params=DEMO_PPO, judge_params=DEMO_JUDGE)
     wall_s = time.perf_counter() - started
-    timings = (stage_timings(result["mlflow_run_id"])
+    timings = (stage_timings(result["mlflow_run_id"]) | stage_time_of("sft", policy)
                | stage_timings(feedback["mlflow_run_id"], ("sample", "rank", "reward", "ppo", "judge")))
     with contextlib.redirect_stdout(io.StringIO()) as summary:
         print_summary(result, policy, feedback, wall_s, timings)

@@ -12,12 +12,15 @@ the driver's console, one line at a time (a redrawn bar would arrive as a smear 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
+import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 VERBOSE = "INSTRUCTFLOW_VERBOSE"
 PROGRESS_EVERY = "INSTRUCTFLOW_PROGRESS_EVERY"  # seconds between progress lines (default 10)
@@ -46,6 +49,8 @@ def quiet_libraries() -> None:
         return
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow(\.|$)")
+    # attributed to the module defining a pyfunc model, not to mlflow
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. "Token authentication is enabled" at every start
@@ -87,6 +92,22 @@ def quiet_ray_driver() -> None:
     dispatcher.add_handler("ray_print_logs", without_core_lines)
 
 
+@contextlib.contextmanager
+def library_chatter() -> Iterator[None]:
+    """Hold back what a library prints to stderr itself inside this block (MLflow's "Successfully registered model"),
+    unless verbose; if the block fails, what was held back is printed after all."""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def ray_logging_config():
     """Ray's logging config (ray.init's and Ray Train's RunConfig's): WARNING unless verbose."""
     import ray
@@ -111,15 +132,16 @@ class Progress:
         self.initial = initial  # the step a resumed run starts from
         self.last_line = float("-inf")
         self.shown: dict[str, float] = {}
+        self.finished = False
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.finished:
             return
         now = time.monotonic()
         self.shown.update({k: float(metrics[k]) for k in self.show if isinstance(metrics.get(k), (int, float))})
         if step < self.total and now - self.last_line < self.every:
             return
-        self.last_line = now
+        self.last_line, self.finished = now, step >= self.total
         print(self.line(step, now - self.started), flush=True)
 
     def line(self, step: int, elapsed: float) -> str:

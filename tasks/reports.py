@@ -27,6 +27,17 @@ def stage_timings(pipeline_run_id: str,
     return {name: (runs[name].info.end_time - runs[name].info.start_time) / 1000 for name in order if name in runs}
 
 
+def stage_time_of(stage: str, output_uri: str) -> dict[str, float]:
+    """{stage: seconds} for the finished stage run that wrote `output_uri` (empty when there is none)."""
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id()], f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=50)
+    for run in runs:
+        if run.data.tags.get(tracking.OUTPUT_TAG) == str(output_uri):
+            return {stage: (run.info.end_time - run.info.start_time) / 1000}
+    return {}
+
+
 def training_summary(pipeline_run_id: str) -> dict:
     run = stage_runs(pipeline_run_id)["pretrain"]
     client = tracking.client()

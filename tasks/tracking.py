@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from model.errors import InstructflowError
+from tasks.console import library_chatter
 from tasks.settings import CHECKOUT, mlflow_artifact_root, mlflow_tracking_uri
 
 EXPERIMENT = "instructflow"
@@ -267,7 +268,7 @@ def register_model(run_id: str, name: str, python_model: str, artifacts: Mapping
         for alias in aliases:
             client().set_registered_model_alias(name, alias, version)
         return version
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), library_chatter():
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name(python_model)),

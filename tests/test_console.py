@@ -11,11 +11,12 @@ from tasks.console import Progress, _RAY_CORE_LINE
 
 
 def test_progress_prints_every_interval_and_the_last_step(capsys, monkeypatch):
-    clock = iter([0.0, 1.0, 2.0, 11.0, 12.0, 13.0])
+    clock = iter([0.0, 1.0, 2.0, 11.0, 12.0, 13.0, 14.0])
     monkeypatch.setattr("tasks.console.time.monotonic", lambda: next(clock))
     progress = Progress("pretrain", 5, every=10)  # started at t=0
     for step in range(1, 6):  # t = 1, 2, 11, 12, 13
         progress.update(step, {"loss": 10.0 / step, "lr": 1e-3})
+    progress.update(5, {"accuracy": 0.9})  # a summary logged at the last step again: no second final line
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # t=1 (first), t=11 (10 s later), and the last step
     assert lines[0].startswith("pretrain") and "1/5" in lines[0] and "loss=10" in lines[0]
