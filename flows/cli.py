@@ -35,10 +35,28 @@ def _lost_prefect(error: BaseException | None) -> bool:
     return bool(os.environ.get("PREFECT_API_URL")) and isinstance(error, httpx.TransportError)
 
 
+class _UserErrorsOffTheConsole(logging.Filter):
+    """On the console, Prefect's four lines about a failed run (task failed, task state, flow failed, flow state) for
+    a user's mistake say what the one `error:` line says; they stay in the run's log in Prefect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.task_runs", "prefect.flow_runs")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, InstructflowError) or "InstructflowError" in record.getMessage())
+
+
 def run_reporting_errors(entry: Callable[[], object]) -> int:
     """Run `entry`; a mistake the user can fix is printed as `error: ...` with exit status 2."""
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    if os.environ.get("INSTRUCTFLOW_VERBOSE", "") in ("", "0"):
+        from prefect.logging.configuration import setup_logging
+
+        setup_logging()  # Prefect's handlers exist from here on; this is what its first flow run would do
+        for handler in logging.getLogger().handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.addFilter(_UserErrorsOffTheConsole())
     try:
         entry()
     except InstructflowError as e:
