@@ -28,7 +28,8 @@ def plain_vs_ray(steps: int) -> dict:
     from tasks import tracking
     from tasks.carriers import tiny_shakespeare_file
     from tasks.corpus import read_tokens, split_tokens, write_tokens
-    from tasks.pretrain import ensure_ray, pretrain_local, run_pretraining
+    from tasks.pretrain import pretrain_local, run_pretraining
+    from tasks.ray_train import ensure_ray
     from tasks.settings import state_dir
 
     work = state_dir() / "bench"

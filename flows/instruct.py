@@ -50,7 +50,3 @@ def instruct(
         samples = sample(policy, str(Path(policy).parent / "tokenizer.json"), sample_params, run_id)
         ranked = rank(samples, sample_params.k, rank_params, run_id)
     return {"mlflow_run_id": run_id, "sft": policy, "samples": samples, **ranked}
-
-
-if __name__ == "__main__":
-    instruct()

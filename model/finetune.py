@@ -29,7 +29,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_directory
 from model.gpt import GPT
-from model.train import make_optimizer  # AdamW, decay on matrices only
+from model.train import lr_at, make_optimizer  # AdamW, decay on matrices only
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 FIELDS_PER_KIND = {"classification": 1, "entailment": 2, "similarity": 2, "multiple_choice": 1}
@@ -214,13 +214,9 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
 
-
-def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
-    """Linear warmup over warmup_fraction of the steps, then linear decay to 0 at the last step."""
-    warmup = max(1, math.ceil(cfg.warmup_fraction * total_steps))
-    if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
-    return cfg.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    def warmup_steps(self, total_steps: int) -> int:
+        """warmup_fraction of the run's steps, at least one (then the rate decays linearly to 0 at the last)."""
+        return max(1, math.ceil(self.warmup_fraction * total_steps))
 
 
 def steps_per_epoch(n_examples: int, cfg: FinetuneConfig) -> int:
@@ -301,7 +297,8 @@ def finetune(
         epoch, position = divmod(state.step, per_epoch)
         order = epoch_order(len(train_examples), epoch, cfg.seed)
         chosen = order[position * cfg.batch_size:(position + 1) * cfg.batch_size][rank::world_size]
-        lr = lr_at(state.step, total, cfg)
+        lr = lr_at(state.step, cfg.learning_rate, warmup_steps=cfg.warmup_steps(total),
+                   decay="linear", total_steps=total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = collate([train_examples[i] for i in chosen], pad).to(device)

@@ -36,8 +36,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.files import atomic_directory
 from model.gpt import GPT
-from model.sft import lr_at  # warmup, then cosine decay to min_lr_ratio (RewardConfig has the same fields)
-from model.train import make_optimizer
+from model.train import lr_at, make_optimizer
 
 KIND = "reward"  # written into a saved reward model's reward.json, so a policy checkpoint is never read as one
 
@@ -351,7 +350,8 @@ def train_reward(
     while state.step < total:
         # 1. this step's rankings: every response once, all pairs of a ranking together
         chosen = [train_rankings[i] for i in step_rankings(len(train_rankings), state.step, cfg, rank, world_size)]
-        lr = lr_at(state.step, total, cfg)
+        lr = lr_at(state.step, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=total,
+                   min_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with_pairs = [r for r in chosen if ranking_pairs(r.ranks, cfg.tie_target)]

@@ -36,6 +36,7 @@ from model.gpt import GPT
 from model.ppo import (EMA, check_finite, check_kl, entropy_from_logits, gae, kl_controller, logprobs_from_logits,
                        masked_mean, missing_end_penalty, policy_loss, shaped_rewards, value_loss, whiten)
 from model.reward import RewardModel
+from model.train import lr_at
 
 
 @dataclass
@@ -211,13 +212,6 @@ class PPOState:
     history: list[dict] = field(default_factory=list)
 
 
-def lr_at(iteration: int, base: float, cfg: PPOConfig) -> float:
-    """Linear warmup from a tenth of the rate over warmup_iterations, then constant."""
-    if iteration >= cfg.warmup_iterations:
-        return base
-    return base * (0.1 + 0.9 * iteration / cfg.warmup_iterations)
-
-
 def iteration_prompts(n: int, iteration: int, cfg: PPOConfig, rank: int, world_size: int) -> list[int]:
     """The prompt indices worker `rank` answers at `iteration`: epochs over the prompts, each freshly shuffled."""
     local = cfg.local_batch(world_size)
@@ -334,8 +328,8 @@ def ppo(
         advantages = whiten(advantages, batch.mask)
         # 5. PPO epochs over shuffled minibatches
         update_started = time.perf_counter()
-        lrs = (lr_at(state.iteration, cfg.learning_rate, cfg),
-               lr_at(state.iteration, cfg.value_learning_rate or cfg.learning_rate, cfg))
+        lrs = [lr_at(state.iteration, peak, warmup_steps=cfg.warmup_iterations, warmup_start=0.1, decay="constant")
+               for peak in (cfg.learning_rate, cfg.value_learning_rate or cfg.learning_rate)]
         for optimizer, lr in zip((policy_optimizer, value_optimizer), lrs):
             for group in optimizer.param_groups:
                 group["lr"] = lr

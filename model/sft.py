@@ -39,7 +39,7 @@ from model.errors import InstructflowError
 from model.generate import generate
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from model.train import make_optimizer
+from model.train import lr_at, make_optimizer
 
 CHAT_NAMES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 IGNORE = -100  # the target of a position without loss (F.cross_entropy's ignore_index)
@@ -220,15 +220,6 @@ class SFTConfig:
             raise InstructflowError(f"SFTConfig.residual_dropout must be in [0, 1), got {self.residual_dropout}")
 
 
-def lr_at(step: int, total_steps: int, cfg: SFTConfig) -> float:
-    """Linear warmup over warmup_steps (none by default), then cosine decay to min_lr_ratio * peak at total_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
-
-
 class EpochPlan:
     """Which rows each step trains on: every epoch packs the training examples anew, shuffled by (seed, epoch).
 
@@ -373,7 +364,8 @@ def sft(
             # 1. this step's rows and learning rate
             epoch = plan.epoch_of(state.step)
             x, y = plan.batch(state.step, rank, world_size)
-            lr = lr_at(state.step, plan.total_steps, cfg)
+            lr = lr_at(state.step, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=plan.total_steps,
+                       min_ratio=cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # 2. the loss on response tokens only (prompt and padding targets are -100)

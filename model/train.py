@@ -57,13 +57,31 @@ class TrainConfig:
         return cls(**values)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to the peak over warmup_steps, then cosine decay to min_lr_ratio * peak at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+def lr_at(step: int, peak: float, *, warmup_steps: int = 0, warmup_start: float | None = None,
+          decay: str = "cosine", total_steps: int | None = None, min_ratio: float = 0.0) -> float:
+    """The learning rate at `step` (counted from 0) of every loop in model/: a linear warmup, then a decay from `peak`.
+
+    Warmup over the first `warmup_steps` steps: with `warmup_start` None, step k gets (k + 1) / warmup_steps of the
+    peak (nanoGPT's ramp: the peak at the last warmup step); with a fraction, the ramp goes from warmup_start * peak
+    at step 0 to the peak at step warmup_steps (InstructGPT C.4's PPO warmup from a tenth).
+    After it, `decay` from step warmup_steps to `total_steps`, to a floor of min_ratio * peak:
+      "cosine"   half a cosine down to the floor (GPT-3, InstructGPT C.1/C.2), the floor after total_steps;
+      "linear"   a straight line down to the floor at total_steps (GPT-1 §4.1's fine-tuning, floor 0);
+      "constant" the peak for good (InstructGPT C.4's PPO).
+    """
+    if step < warmup_steps:
+        if warmup_start is None:
+            return peak * (step + 1) / warmup_steps
+        return peak * (warmup_start + (1 - warmup_start) * step / warmup_steps)
+    if decay == "constant":
+        return peak
+    floor = peak * min_ratio
+    if decay == "linear":
+        return floor + (peak - floor) * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    if decay != "cosine":
+        raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -144,7 +162,8 @@ def train(
     model.train()
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     while state.step < cfg.max_steps:
-        lr = lr_at(state.step, cfg)
+        lr = lr_at(state.step, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                   min_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = 0.0

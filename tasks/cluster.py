@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from model.config import GPTConfig, config_for
 from model.gpt import GPT
 from model.train import TrainConfig, batch_at
-from tasks.pretrain import fit_trainer, worker_runtime
+from tasks.ray_train import TrainWorker, fit_trainer
 from tasks.settings import state_dir
 
 # Relative to the largest gradient entry. fp32 sums taken in another order differ by ~1e-7 of it; a gradient
@@ -92,28 +91,27 @@ def single_process_gradient(config: GPTConfig, seed: int,
 def gradient_worker(job: dict) -> None:
     """One Ray Train worker of the check: the pretraining worker's model, one DDP backward, results from rank 0."""
     import ray
-    import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
-    rank, world_size, runtime = worker_runtime(job)
+    worker = TrainWorker(job)
+    device = worker.device
     cfg = TrainConfig(**job["train"])
     config = GPTConfig.from_dict(job["model"])
     torch.manual_seed(cfg.seed)  # as worker_loop: every rank starts from the same weights
-    model = GPT(config).to(runtime.device)
-    ddp = ray.train.torch.prepare_model(model)  # DistributedDataParallel when there are several workers
-    x, y = batch_at(check_tokens(config.vocab_size, cfg.seed), 0, 0, cfg, rank=rank)
-    _, loss = ddp(x.to(runtime.device), y.to(runtime.device))  # fp32, no autocast: compared with a CPU fp32 run
+    model = GPT(config).to(device)
+    ddp = worker.prepare(model)  # DistributedDataParallel when there are several workers
+    x, y = batch_at(check_tokens(config.vocab_size, cfg.seed), 0, 0, cfg, rank=worker.rank)
+    _, loss = ddp(x.to(device), y.to(device))  # fp32, no autocast: compared with a CPU fp32 run
     loss.backward()  # DDP averages the gradients over all workers during this call
 
     node_ids = [ray.get_runtime_context().get_node_id()]
-    if world_size > 1:
-        node_ids = [None] * world_size
+    if worker.world_size > 1:
+        node_ids = [None] * worker.world_size
         dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-    with tempfile.TemporaryDirectory() as staging:
-        checkpoint = None
-        if rank == 0:
-            grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
-            torch.save({"grads": grads, "node_ids": node_ids}, Path(staging) / "gradients.pt")
-            checkpoint = ray.train.Checkpoint.from_directory(staging)
-        ray.train.report({"loss": loss.item()}, checkpoint=checkpoint)  # every rank reports: it is a barrier
+
+    def save(directory: Path) -> None:
+        directory.mkdir()
+        grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+        torch.save({"grads": grads, "node_ids": node_ids}, directory / "gradients.pt")
+
+    worker.report({"loss": loss.item()}, save)  # every rank reports: it is a barrier

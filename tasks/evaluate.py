@@ -91,7 +91,7 @@ def evaluate_many(checkpoint: Path, tokenizer_path: Path, inputs: dict[str, Path
     """Every (task, K) in `shots` as its own Ray task; returns {"<task>/k<K>": summary}, failed pairs marked partial."""
     import ray
 
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=0)(evaluate_pair)

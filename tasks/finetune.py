@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from model.finetune import (Example, FinetuneConfig, FinetuneState, TaskModel, l
 from model.finetune import finetune as finetune_loop
 from model.gpt import GPT
 from model.train import make_optimizer
-from tasks.pretrain import copy_checkpoint, fit_trainer, worker_runtime
+from tasks.ray_train import TrainWorker, copy_checkpoint, fit_trainer
 
 METRIC_PREFIX = "finetune/"
 
@@ -41,58 +40,40 @@ def read_examples(path: str | Path) -> tuple[list[Example], list[Example]]:
 
 def worker_loop(job: dict) -> None:
     """One Ray Train worker: build or restore the task model, fine-tune, report checkpoints."""
-    import ray.train
-    import ray.train.torch
-
-    from tasks.console import Progress
-    from tasks.tracking import MetricBuffer, NullMetricBuffer
-
-    rank, world, runtime = worker_runtime(job)
-    device = runtime.device
+    worker = TrainWorker(job)
     cfg = FinetuneConfig(**job["finetune"])
     train_examples, test_examples = read_examples(job["examples"])
+    total = -(-len(train_examples) // cfg.batch_size) * cfg.epochs
 
     torch.manual_seed(cfg.seed)
     gpt = GPT(GPTConfig.from_dict(job["model"]))
     if job["init"] == "pretrained":
         pretrained, _ = load_checkpoint(job["pretrained"])
         transfer_layers(pretrained, gpt, job["transfer_layers"])
-    model = TaskModel(gpt, job["kind"], job["n_outputs"], job["head_dropout"]).to(device)
+    model = TaskModel(gpt, job["kind"], job["n_outputs"], job["head_dropout"]).to(worker.device)
     optimizer = make_optimizer(model, cfg)
-    state = FinetuneState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored, _, extra = load_task_model(directory, device=device)
+
+    def restore(directory: Path) -> FinetuneState:
+        restored, _, extra = load_task_model(directory, device=worker.device)
         model.load_state_dict(restored.state_dict())
         optimizer.load_state_dict(extra["optimizer"])
-        state = FinetuneState(step=extra["step"])
-    ddp = ray.train.torch.prepare_model(model)
-    total = -(-len(train_examples) // cfg.batch_size) * cfg.epochs
-    progress = Progress("finetune", total, show=("loss", "val_accuracy"), initial=state.step)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
-        else NullMetricBuffer()
-    if state.step:
-        metrics.mark_resume(state.step)
+        return FinetuneState(step=extra["step"])
 
-    def report(state: FinetuneState) -> None:
-        if state.step % job["checkpoint_every"] and state.step != total:
-            return
+    def save(directory: Path, state: FinetuneState) -> None:
+        save_task_model(model, directory, job["labels"], extra={"optimizer": optimizer.state_dict(), "step": state.step})
+
+    def on_step_end(state: FinetuneState) -> None:
         last = state.history[-1] if state.history else {}
         summary = {"step": state.step, **{k: v for k, v in last.items() if k.startswith("val_") or k == "loss"}}
-        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
-        with tempfile.TemporaryDirectory() as staging:
-            saved = None
-            if rank == 0:
-                extra = {"optimizer": optimizer.state_dict(), "step": state.step}
-                save_task_model(model, Path(staging) / "checkpoint", job["labels"], extra=extra)
-                saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
-            ray.train.report(summary, checkpoint=saved)
+        worker.on_step_end(state.step, total, summary, lambda directory: save(directory, state))
 
-    with runtime.autocast_factory():
+    state = worker.resume(restore) or FinetuneState()
+    ddp = worker.prepare(model)
+    metrics = worker.track(METRIC_PREFIX, "finetune", total, initial=state.step, show=("loss", "val_accuracy"))
+    with worker.runtime.autocast():
         finetune_loop(ddp, train_examples, test_examples, cfg, pad=job["pad"], n_classes=job["n_classes"],
-                      log=metrics.add, state=state, optimizer=optimizer, on_step_end=report, rank=rank,
-                      world_size=world)
+                      log=metrics.add, state=state, optimizer=optimizer, on_step_end=on_step_end, rank=worker.rank,
+                      world_size=worker.world_size)
 
 
 def run_finetuning(*, key: str, job: dict, output_dir: Path, num_workers: int = 1, use_gpu: bool | None = None,

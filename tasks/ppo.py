@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from model.reward import load_reward_model, reward_info
 from model.rlhf import PPOConfig, PPOState
 from model.rlhf import ppo as ppo_loop
 from model.train import make_optimizer
-from tasks.pretrain import fit_trainer, worker_runtime
+from tasks.ray_train import TrainWorker, fit_trainer
 
 METRIC_PREFIX = "ppo/"
 
@@ -55,14 +54,8 @@ def check_models(policy_dir: Path, reference_dir: Path, reward_dir: Path, tokeni
 
 def worker_loop(job: dict) -> None:
     """One Ray Train worker: load or restore the four models, run PPO, report checkpoints, rank 0 saves the policy."""
-    import ray.train
-    import ray.train.torch
-
-    from tasks.console import Progress
-    from tasks.tracking import MetricBuffer, NullMetricBuffer
-
-    rank, world, runtime = worker_runtime(job)
-    device = runtime.device
+    worker = TrainWorker(job)
+    device = worker.device
     cfg = PPOConfig(**{**job["ppo"], "betas": tuple(job["ppo"]["betas"])})
     prompts = json.loads(Path(job["prompts"]).read_text())
     ptx_tokens = None
@@ -78,47 +71,36 @@ def worker_loop(job: dict) -> None:
     value = load_reward_model(job["reward"], device)
     value.fold_normalisation()
     policy_optimizer, value_optimizer = make_optimizer(policy, cfg), make_optimizer(value, cfg)
-    state = PPOState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group, or a re-run of the same stage key
-        with checkpoint.as_directory() as directory:
-            restored, extra = load_checkpoint(Path(directory) / "policy", device=device)
-            policy.load_state_dict(restored.state_dict())
-            value.load_state_dict(torch.load(Path(directory) / "value.pt", map_location=device, weights_only=True))
+
+    def restore(directory: Path) -> PPOState:
+        restored, extra = load_checkpoint(directory / "policy", device=device)
+        policy.load_state_dict(restored.state_dict())
+        value.load_state_dict(torch.load(directory / "value.pt", map_location=device, weights_only=True))
         policy_optimizer.load_state_dict(extra["policy_optimizer"])
         value_optimizer.load_state_dict(extra["value_optimizer"])
-        state = PPOState(**extra["state"])
+        return PPOState(**extra["state"])
+
+    def save(directory: Path, state: PPOState) -> None:
+        extra = {"policy_optimizer": policy_optimizer.state_dict(), "value_optimizer": value_optimizer.state_dict(),
+                 "state": {**dataclasses.asdict(state), "history": []}, "round": job["round"]}
+        save_checkpoint(policy, directory / "policy", extra=extra)
+        torch.save(value.state_dict(), directory / "value.pt")
+
+    def on_iteration_end(state: PPOState, ema: EMA | None) -> None:  # the EMA's state is in state.ema
+        summary = {"iteration": state.iteration, "episodes": state.episodes}
+        worker.on_step_end(state.iteration, cfg.iterations, summary, lambda directory: save(directory, state))
+
+    state = worker.resume(restore) or PPOState()
     resumed_from = state.episodes
-    ddp_policy = ray.train.torch.prepare_model(policy)
-    ddp_value = ray.train.torch.prepare_model(value)
-    progress = Progress("ppo", cfg.total_episodes, unit="episode", show=("objective/scores", "objective/kl"),
-                        initial=resumed_from)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, watch="objective/kl", progress=progress) \
-        if rank == 0 and job["run_id"] else NullMetricBuffer()
-    if resumed_from:
-        metrics.mark_resume(resumed_from)
-
-    def on_iteration_end(state: PPOState, ema: EMA | None) -> None:
-        if state.iteration % job["checkpoint_every"] and state.iteration != cfg.iterations:
-            return
-        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
-        with tempfile.TemporaryDirectory() as staging:
-            saved = None
-            if rank == 0:
-                extra = {"policy_optimizer": policy_optimizer.state_dict(),
-                         "value_optimizer": value_optimizer.state_dict(),
-                         "state": {**dataclasses.asdict(state), "history": []}, "round": job["round"]}
-                save_checkpoint(policy, Path(staging) / "checkpoint" / "policy", extra=extra)
-                torch.save(value.state_dict(), Path(staging) / "checkpoint" / "value.pt")
-                saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
-            ray.train.report({"iteration": state.iteration, "episodes": state.episodes}, checkpoint=saved)
-
+    ddp_policy, ddp_value = worker.prepare(policy), worker.prepare(value)
+    metrics = worker.track(METRIC_PREFIX, "ppo", cfg.total_episodes, initial=resumed_from, watch="objective/kl",
+                           unit="episode", show=("objective/scores", "objective/kl"))
     state, ema = ppo_loop(ddp_policy, ref, ddp_value, reward, prompts, cfg, pad=job["pad"],
                           stop_tokens=job["stop_tokens"], policy_optimizer=policy_optimizer,
                           value_optimizer=value_optimizer, ptx_tokens=ptx_tokens, log=metrics.add, state=state,
-                          on_iteration_end=on_iteration_end, autocast=runtime.autocast_factory, rank=rank,
-                          world_size=world)
-    if rank == 0:
+                          on_iteration_end=on_iteration_end, autocast=worker.runtime.autocast_factory,
+                          rank=worker.rank, world_size=worker.world_size)
+    if worker.rank == 0:
         if ema is not None:
             ema.copy_to(policy)  # InstructGPT C.4: the EMA of the weights is the policy kept
         save_checkpoint(policy, job["out_dir"], extra={"round": job["round"], "episodes": state.episodes,

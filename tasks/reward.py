@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from model.sft import render
 from model.text import split_of
 from model.tokenizer import Tokenizer
 from model.train import make_optimizer
-from tasks.pretrain import fit_trainer, worker_runtime
+from tasks.ray_train import TrainWorker, fit_trainer
 
 METRIC_PREFIX = "rm/"
 COLUMNS = ("annotation_id", "prompt", "chosen", "rejected", "chosen_id", "rejected_id", "chosen_rank", "rejected_rank")
@@ -154,62 +153,46 @@ def gold_accuracy(rewards: list[list[float]], gold: list[list[float]]) -> dict:
 
 def worker_loop(job: dict) -> None:
     """One Ray Train worker: start the RM from the SFT policy (or a checkpoint), train, rank 0 normalises and saves."""
-    import ray.train
-    import ray.train.torch
-
-    from tasks.console import Progress
-    from tasks.tracking import MetricBuffer, NullMetricBuffer
-
-    rank, world, runtime = worker_runtime(job)
-    device = runtime.device
+    worker = TrainWorker(job)
+    rank, device, autocast = worker.rank, worker.device, worker.runtime.autocast_factory
     cfg = RewardConfig(**{**job["reward"], "betas": tuple(job["reward"]["betas"])})
     data = read_rankings(job["rankings"])
+    total = cfg.total_steps(len(data["train"]))
 
     torch.manual_seed(cfg.seed)
     policy, _ = load_checkpoint(job["init"], device=device)
     model = RewardModel.from_gpt(policy)
     del policy
     optimizer = make_optimizer(model, cfg)
-    state = RewardState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model.load_state_dict(load_reward_model(directory, device).state_dict())
-            extra = load_extra(Path(directory) / "extra.pt", device)
+
+    def restore(directory: Path) -> RewardState:
+        model.load_state_dict(load_reward_model(directory, device).state_dict())
+        extra = load_extra(directory / "extra.pt", device)
         optimizer.load_state_dict(extra["optimizer"])
-        state = RewardState(step=extra["step"])
-    ddp = ray.train.torch.prepare_model(model)
-    total = cfg.total_steps(len(data["train"]))
-    progress = Progress("reward model", total, show=("loss", "val_accuracy"), initial=state.step)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
-        else NullMetricBuffer()
-    if state.step:
-        metrics.mark_resume(state.step)
+        return RewardState(step=extra["step"])
+
+    def save(directory: Path, state: RewardState) -> None:
+        save_reward_model(model, directory)
+        torch.save({"optimizer": optimizer.state_dict(), "step": state.step}, directory / "extra.pt")
 
     def on_step_end(state: RewardState) -> None:
-        if state.step % job["checkpoint_every"] and state.step != total:
-            return
-        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
-        with tempfile.TemporaryDirectory() as staging:
-            saved = None
-            if rank == 0:
-                directory = save_reward_model(model, Path(staging) / "checkpoint")
-                torch.save({"optimizer": optimizer.state_dict(), "step": state.step}, directory / "extra.pt")
-                saved = ray.train.Checkpoint.from_directory(str(directory))
-            ray.train.report({"step": state.step}, checkpoint=saved)
+        worker.on_step_end(state.step, total, {"step": state.step}, lambda directory: save(directory, state))
 
+    state = worker.resume(restore) or RewardState()
+    ddp = worker.prepare(model)
+    metrics = worker.track(METRIC_PREFIX, "reward model", total, initial=state.step, show=("loss", "val_accuracy"))
     train_reward(ddp, data["train"], data["val"], cfg, pad=job["pad"], log=metrics.add, state=state,
-                 optimizer=optimizer, on_step_end=on_step_end, autocast=runtime.autocast_factory, rank=rank,
-                 world_size=world)
+                 optimizer=optimizer, on_step_end=on_step_end, autocast=autocast, rank=rank,
+                 world_size=worker.world_size)
     if rank == 0:
         summary: dict = {"train_rankings": len(data["train"]), "val_rankings": len(data["val"]), "steps": total}
         if any(len(set(r.ranks)) > 1 for r in data["val"]):
-            held_out = pairwise_accuracy(model, data["val"], pad=job["pad"], autocast=runtime.autocast_factory)
+            held_out = pairwise_accuracy(model, data["val"], pad=job["pad"], autocast=autocast)
             summary |= {"val_accuracy": held_out["accuracy"], "val_loss": held_out["loss"], "val_pairs": held_out["pairs"]}
-        summary |= normalise(model, data["reference"], pad=job["pad"], autocast=runtime.autocast_factory)
+        summary |= normalise(model, data["reference"], pad=job["pad"], autocast=autocast)
         if data.get("val_gold"):
             flat = [list(s) for r in data["val"] for s in r.sequences]
-            rewards = score(model, flat, pad=job["pad"], autocast=runtime.autocast_factory).tolist()
+            rewards = score(model, flat, pad=job["pad"], autocast=autocast).tolist()
             per_ranking, n = [], 0
             for r in data["val"]:
                 per_ranking.append(rewards[n:n + len(r.sequences)])

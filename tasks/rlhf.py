@@ -218,7 +218,7 @@ def judge(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tok
     import ray
 
     from tasks.judge import judge_policies
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     policy_uri, tokenizer_uri = resolve_model(policy_uri, tokenizer_uri)
     baseline_uri, _ = resolve_model(baseline_uri, tokenizer_uri)

@@ -49,7 +49,7 @@ def sample_responses(checkpoint: str, tokenizer_path: str, prompts: list[str], k
     """All prompts' K draws as Ray tasks (one per chunk of prompts); returns (deduplicated rows, duplicates dropped)."""
     import ray
 
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     if not prompts:
         raise InstructflowError("no prompts to sample responses for")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from model.files import atomic_write
 from model.sft import Rendered, SFTConfig, SFTState
 from model.sft import sft as sft_loop
 from model.train import make_optimizer
-from tasks.pretrain import copy_checkpoint, fit_trainer, worker_runtime
+from tasks.ray_train import TrainWorker, copy_checkpoint, fit_trainer
 
 METRIC_PREFIX = "sft/"
 
@@ -38,56 +37,40 @@ def read_rendered(path: str | Path) -> tuple[list[Rendered], list[Rendered]]:
 
 def worker_loop(job: dict) -> None:
     """One Ray Train worker: restore or load the pretrained model, run SFT, keep the best weights, report checkpoints."""
-    import ray.train
-    import ray.train.torch
-
-    from tasks.console import Progress
-    from tasks.tracking import MetricBuffer, NullMetricBuffer
-
-    rank, world, runtime = worker_runtime(job)
-    device = runtime.device
+    worker = TrainWorker(job)
+    rank, device = worker.rank, worker.device
     cfg = SFTConfig(**{**job["sft"], "betas": tuple(job["sft"]["betas"])})
     train_rows, val_rows = read_rendered(job["rendered"])
-    best_dir = Path(job["best_dir"])
+    best_dir, total = Path(job["best_dir"]), job["total_steps"]
 
     torch.manual_seed(cfg.seed)
     model, _ = load_checkpoint(job["pretrained"], device=device)
     optimizer = make_optimizer(model, cfg)
-    state = SFTState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored, extra = load_checkpoint(directory, device=device)
+
+    def restore(directory: Path) -> SFTState:
+        restored, extra = load_checkpoint(directory, device=device)
         model.load_state_dict(restored.state_dict())
         optimizer.load_state_dict(extra["optimizer"])
-        state = SFTState(step=extra["step"], best_val_loss=extra["best_val_loss"], best_step=extra["best_step"])
-    ddp = ray.train.torch.prepare_model(model)
-    progress = Progress("sft", job["total_steps"], initial=state.step)
-    metrics = MetricBuffer(job["run_id"], METRIC_PREFIX, progress=progress) if rank == 0 and job["run_id"] \
-        else NullMetricBuffer()
-    if state.step:
-        metrics.mark_resume(state.step)
+        return SFTState(step=extra["step"], best_val_loss=extra["best_val_loss"], best_step=extra["best_step"])
+
+    def save(directory: Path, state: SFTState) -> None:
+        extra = {"optimizer": optimizer.state_dict(), "step": state.step, "best_val_loss": state.best_val_loss,
+                 "best_step": state.best_step}
+        save_checkpoint(model, directory, extra=extra)
 
     def on_step_end(state: SFTState) -> None:
         if rank == 0 and state.best_step == state.step:  # the newest best: keep its weights
             save_checkpoint(model, best_dir, extra={"step": state.step, "val_loss": state.best_val_loss})
-        total = job["total_steps"]
-        if state.step % job["checkpoint_every"] and state.step != total:
-            return
-        metrics.flush()  # before the checkpoint, so an MLflow outage cannot lose these steps
-        with tempfile.TemporaryDirectory() as staging:
-            saved = None
-            if rank == 0:
-                extra = {"optimizer": optimizer.state_dict(), "step": state.step, "best_val_loss": state.best_val_loss,
-                         "best_step": state.best_step}
-                save_checkpoint(model, Path(staging) / "checkpoint", extra=extra)
-                saved = ray.train.Checkpoint.from_directory(str(Path(staging) / "checkpoint"))
-            summary = {"step": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
-                       "truncated": state.truncated}
-            ray.train.report(summary, checkpoint=saved)
+        summary = {"step": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
+                   "truncated": state.truncated}
+        worker.on_step_end(state.step, total, summary, lambda directory: save(directory, state))
 
+    state = worker.resume(restore) or SFTState()
+    ddp = worker.prepare(model)
+    metrics = worker.track(METRIC_PREFIX, "sft", total, initial=state.step)
     state = sft_loop(ddp, train_rows, val_rows, cfg, pad=job["pad"], log=metrics.add, state=state, optimizer=optimizer,
-                     on_step_end=on_step_end, autocast=runtime.autocast_factory, rank=rank, world_size=world)
+                     on_step_end=on_step_end, autocast=worker.runtime.autocast_factory, rank=rank,
+                     world_size=worker.world_size)
     if rank == 0 and state.best_step == 0:  # SFT never beat the pretrained model on held-out demonstrations
         save_checkpoint(load_checkpoint(job["pretrained"])[0], best_dir, extra={"step": 0, "val_loss": state.best_val_loss})
     metrics.flush()

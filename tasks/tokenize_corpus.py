@@ -48,7 +48,7 @@ def encode_in_parallel(tokenizer: Tokenizer, texts: list[str], chunks: int) -> l
     """`encode_documents` split over `chunks` Ray tasks; the result is identical, in document order."""
     import ray
 
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     ensure_ray()
     remote = ray.remote(encode_documents)
@@ -66,7 +66,7 @@ def _auto_chunks(texts: list[str]) -> int:
         return 1
     import ray
 
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     ensure_ray()
     return max(2, int(ray.cluster_resources().get("CPU", 2)))

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.finetune import (Example, FinetuneConfig, Specials, TaskModel, cap_lengths, classification_metrics,
-                            collate, finetune, l3_loss, load_task_model, lr_at, predict, save_task_model, transfer_layers,
+                            collate, finetune, l3_loss, load_task_model, predict, save_task_model, transfer_layers,
                             transform)
 from model.gpt import GPT
+from model.train import lr_at
 
 S = Specials(start=1, delim=2, extract=3)
 CONFIG = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
@@ -121,7 +122,12 @@ def test_transfer_copies_embeddings_and_the_first_n_blocks_only():
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():
     cfg = FinetuneConfig(learning_rate=1.0, warmup_fraction=0.1)
-    assert [round(lr_at(s, 100, cfg), 3) for s in (0, 9, 10, 55, 99)] == [0.1, 1.0, 1.0, 0.5, 0.011]
+    assert cfg.warmup_steps(100) == 10
+
+    def lr(step: int) -> float:
+        return lr_at(step, cfg.learning_rate, warmup_steps=cfg.warmup_steps(100), decay="linear", total_steps=100)
+
+    assert [round(lr(s), 3) for s in (0, 9, 10, 55, 99)] == [0.1, 1.0, 1.0, 0.5, 0.011]
 
 
 def test_metrics_accuracy_and_macro_f1_by_hand():

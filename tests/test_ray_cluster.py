@@ -79,7 +79,7 @@ def cluster():
     """RAY_ADDRESS of a running two-node cluster; the driver (this process) is attached to it."""
     import ray
 
-    from tasks.pretrain import ensure_ray
+    from tasks.ray_train import ensure_ray
 
     detach_ray()
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])  # the session's, as in <state>/ray/auth_token
@@ -107,7 +107,7 @@ def cluster():
             wait_for(lambda: listening(port), 90, "the head did not listen")
             start("--address", f"127.0.0.1:{port}")
             mp.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-            mp.delenv("RAY_AUTH_MODE", raising=False)  # the driver turns token mode on by itself (tasks/pretrain.py)
+            mp.delenv("RAY_AUTH_MODE", raising=False)  # the driver turns token mode on by itself (tasks/ray_train.py)
             ensure_ray()
             wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 90, "the worker node did not join")
             yield f"127.0.0.1:{port}"

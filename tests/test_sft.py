@@ -13,10 +13,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.gpt import GPT
-from model.sft import (IGNORE, EpochPlan, Rendered, SFTConfig, SFTState, generate_response, generate_responses, lr_at,
+from model.sft import (IGNORE, EpochPlan, Rendered, SFTConfig, SFTState, generate_response, generate_responses,
                        pack, render, response_loss, sft)
 from model.tokenizer import EOT, Tokenizer
-from model.train import make_optimizer
+from model.train import lr_at, make_optimizer
 
 # Prompts a tiny model can memorise; the same prompts with wrong answers make a validation set it must overfit.
 DEMOS = [("Reverse: cat", "tac"), ("Uppercase: dog", "DOG"), ("Add 2 and 3", "5"), ("First letter of river", "r"),
@@ -176,7 +176,9 @@ def test_every_epoch_is_packed_anew_deterministically_and_batches_split_across_w
 
 def test_schedule_is_cosine_to_ten_percent_without_warmup():
     cfg = SFTConfig(learning_rate=1.0)
-    assert [round(lr_at(s, 100, cfg), 3) for s in (0, 50, 100)] == [1.0, 0.55, 0.1]
+    lrs = [lr_at(s, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=100, min_ratio=cfg.min_lr_ratio)
+           for s in (0, 50, 100)]
+    assert [round(lr, 3) for lr in lrs] == [1.0, 0.55, 0.1]
     assert SFTConfig().residual_dropout == 0.2 and SFTConfig().learning_rate == 9.65e-6  # InstructGPT C.1
     with pytest.raises(InstructflowError, match="epochs must be at least 1"):
         SFTConfig(epochs=0)

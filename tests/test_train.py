@@ -1,5 +1,7 @@
 """The plain training loop: the schedule, that loss falls, exact resume, and atomic checkpoints."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,11 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import GPTConfig, preset
 from model.errors import InstructflowError
+from model.finetune import FinetuneConfig
 from model.gpt import GPT
+from model.reward import RewardConfig
+from model.rlhf import PPOConfig
+from model.sft import SFTConfig
 from model.train import TrainConfig, TrainState, batch_at, lr_at, make_optimizer, train
 
 
@@ -24,10 +30,85 @@ def pattern_tokens(n: int = 4000) -> np.ndarray:
 
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(55, cfg) == pytest.approx(0.55e-3)  # halfway through the cosine: midway between peak and floor
-    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+    def lr(step: int) -> float:
+        return lr_at(step, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                     min_ratio=cfg.min_lr_ratio)
+
+    assert lr(0) == pytest.approx(1e-4)
+    assert lr(9) == pytest.approx(1e-3)
+    assert lr(55) == pytest.approx(0.55e-3)  # halfway through the cosine: midway between peak and floor
+    assert lr(100) == pytest.approx(1e-4)
+
+
+# The four schedules the loops had before they shared lr_at, written out as they were: the reference that the
+# shared function must reproduce to the last bit at every step.
+def old_pretrain_lr(step, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+
+
+def old_sft_and_reward_lr(step, total_steps, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+
+
+def old_finetune_lr(step, total_steps, cfg):
+    warmup = max(1, math.ceil(cfg.warmup_fraction * total_steps))
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    return cfg.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def old_ppo_lr(iteration, base, cfg):
+    if iteration >= cfg.warmup_iterations:
+        return base
+    return base * (0.1 + 0.9 * iteration / cfg.warmup_iterations)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"warmup_steps": 0}, {"warmup_steps": 1, "max_steps": 7},
+                                       {"learning_rate": 3e-4, "max_steps": 1000, "warmup_steps": 37,
+                                        "min_lr_ratio": 0.0}])
+def test_pretraining_schedule_is_the_old_one_exactly(overrides):
+    cfg = TrainConfig(**overrides)
+    new = [lr_at(s, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
+                 min_ratio=cfg.min_lr_ratio) for s in range(cfg.max_steps + 5)]
+    assert new == [old_pretrain_lr(s, cfg) for s in range(cfg.max_steps + 5)]
+
+
+@pytest.mark.parametrize("config", [SFTConfig, RewardConfig])
+@pytest.mark.parametrize("overrides, total", [({}, 100), ({}, 1), ({"warmup_steps": 5, "learning_rate": 1.0}, 100),
+                                              ({"warmup_steps": 3, "min_lr_ratio": 0.0}, 11)])
+def test_sft_and_reward_schedules_are_the_old_one_exactly(config, overrides, total):
+    cfg = config(**overrides)
+    new = [lr_at(s, cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=total, min_ratio=cfg.min_lr_ratio)
+           for s in range(total + 3)]
+    assert new == [old_sft_and_reward_lr(s, total, cfg) for s in range(total + 3)]
+
+
+@pytest.mark.parametrize("overrides, total", [({}, 100), ({}, 1), ({}, 3000), ({"warmup_fraction": 0.1}, 100),
+                                              ({"warmup_fraction": 0.3, "learning_rate": 7e-5}, 17)])
+def test_finetuning_schedule_is_the_old_one_exactly(overrides, total):
+    cfg = FinetuneConfig(**overrides)
+    new = [lr_at(s, cfg.learning_rate, warmup_steps=cfg.warmup_steps(total), decay="linear", total_steps=total)
+           for s in range(total + 3)]
+    assert new == [old_finetune_lr(s, total, cfg) for s in range(total + 3)]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"warmup_iterations": 0},
+                                       {"warmup_iterations": 3, "learning_rate": 1e-4, "value_learning_rate": 3e-5}])
+def test_ppo_schedule_is_the_old_one_exactly(overrides):
+    cfg = PPOConfig(**overrides)
+    for base in (cfg.learning_rate, cfg.value_learning_rate or cfg.learning_rate):
+        new = [lr_at(i, base, warmup_steps=cfg.warmup_iterations, warmup_start=0.1, decay="constant")
+               for i in range(40)]
+        assert new == [old_ppo_lr(i, base, cfg) for i in range(40)]
 
 
 def test_paper_defaults_scale_to_a_batch_shape():
