@@ -287,7 +287,8 @@ def register_model(run_id: str, name: str, python_model: str, artifacts: Mapping
 def register_text_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
                         aliases: tuple[str, ...] = ()) -> str:
     """A checkpoint as a pyfunc text generator (tasks/text_model.py: prompts in, completions out)."""
-    from tasks.text_model import DEFAULT_PARAMS
+    with library_chatter():  # defining a PythonModel makes MLflow warn about its predict's type hints
+        from tasks.text_model import DEFAULT_PARAMS
 
     return register_model(run_id, name, "text_model.py", {"checkpoint": checkpoint_dir, "tokenizer": tokenizer_path},
                           (["Once upon a time"], DEFAULT_PARAMS), aliases)
@@ -296,7 +297,8 @@ def register_text_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_
 def register_chat_model(run_id: str, name: str, checkpoint_dir: Path, tokenizer_path: Path,
                         aliases: tuple[str, ...] = ()) -> str:
     """A chat policy as a pyfunc (tasks/chat_model.py: user messages in, assistant replies out)."""
-    from tasks.chat_model import DEFAULT_PARAMS
+    with library_chatter():  # defining a PythonModel makes MLflow warn about its predict's type hints
+        from tasks.chat_model import DEFAULT_PARAMS
 
     return register_model(run_id, name, "chat_model.py", {"checkpoint": checkpoint_dir, "tokenizer": tokenizer_path},
                           (["Uppercase: dog"], DEFAULT_PARAMS), aliases)
