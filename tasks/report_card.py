@@ -8,8 +8,8 @@ demo's pipeline run) under `report/`, and as a Prefect markdown artifact when a 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
+import functools
 import io
 import json
 import platform
@@ -111,29 +111,31 @@ def credentials_file() -> Path:
     return state_dir() / "labelstudio" / "credentials.json"
 
 
-def print_feedback_round(round_: dict) -> None:
+def print_feedback_round(round_: dict, file=None) -> None:
     """Print the feedback round's figures, each with its n and 95% interval: comparisons, the reward model's accuracy,
     the PPO policy's win rate over SFT (temperature 1 and greedy), best-of-K, KL and readability."""
     from tasks.ranking import read_manifest
+
+    say = functools.partial(print, file=file)  # a file of its own stays one where Prefect logs prints
 
     manifest = read_manifest(Path(round_["comparisons"]))
     rows = sum(v["rows"] for v in manifest.get("versions", []))
     rm = json.loads((Path(round_["reward"]).parent / "metrics.json").read_text())
     quality = round_["reward_quality"]
     who = "the SIMULATED labeler" if round_.get("labeler") == "simulated" else "people"
-    print(f"ranking by {who}: {round_['new_comparisons']} new comparisons, {rows} in {round_['comparisons']}")
-    print(f"reward model: {rm.get('human_rankings', 0)} rankings by people and {rm.get('simulated_rankings', 0)} by "
+    say(f"ranking by {who}: {round_['new_comparisons']} new comparisons, {rows} in {round_['comparisons']}")
+    say(f"reward model: {rm.get('human_rankings', 0)} rankings by people and {rm.get('simulated_rankings', 0)} by "
           f"the simulated labeler ({rm.get('train_rankings', 0)} for training, {rm.get('val_rankings', 0)} held out; "
           f"{rm.get('steps', 0)} steps)")
     if quality["accuracy"] is not None:
         accuracy = with_interval(quality["accuracy"], (quality["low"], quality["high"]), quality["rankings"])
-        print(f"  held-out accuracy vs the labels {accuracy[:-1]} rankings; {quality['pairs']} pairs)")
+        say(f"  held-out accuracy vs the labels {accuracy[:-1]} rankings; {quality['pairs']} pairs)")
     if rm.get("gold_accuracy") is not None:
         gold_pairs = int(rm.get("gold_pairs", 0))
-        print(f"  held-out accuracy vs the hidden gold preference {100 * rm['gold_accuracy']:.1f}% on {gold_pairs} pairs")
-    print(f"  look at the ranked tasks: {round_['labelstudio_project']} (log in with {credentials_file()})")
+        say(f"  held-out accuracy vs the hidden gold preference {100 * rm['gold_accuracy']:.1f}% on {gold_pairs} pairs")
+    say(f"  look at the ranked tasks: {round_['labelstudio_project']} (log in with {credentials_file()})")
     if "skipped" in round_:
-        print(f"PPO skipped: {round_['skipped']}")
+        say(f"PPO skipped: {round_['skipped']}")
         return
     judged = json.loads(Path(round_["judgement"]).read_text())
     n = judged["prompts"]
@@ -142,29 +144,30 @@ def print_feedback_round(round_: dict) -> None:
         value = judged[f"{prefix}win_rate{suffix}"]
         return with_interval(value, (judged[f"{prefix}win_rate{suffix}_low"], judged[f"{prefix}win_rate{suffix}_high"]), n)
 
-    print(f"PPO policy vs SFT on {n} held-out prompts never ranked, judged by the {judged['judge']} preference:")
-    print(f"  win rate at temperature {judged['temperature']:g}: {rate()} ({judged['wins']} wins, {judged['ties']} "
+    say(f"PPO policy vs SFT on {n} held-out prompts never ranked, judged by the {judged['judge']} preference:")
+    say(f"  win rate at temperature {judged['temperature']:g}: {rate()} ({judged['wins']} wins, {judged['ties']} "
           f"ties, {judged['losses']} losses; a tie counts half)")
     if "win_rate_greedy" in judged:
-        print(f"  win rate greedy: {rate(suffix='_greedy')} ({judged['wins_greedy']} wins, {judged['ties_greedy']} ties)")
+        say(f"  win rate greedy: {rate(suffix='_greedy')} ({judged['wins_greedy']} wins, {judged['ties_greedy']} ties)")
     if "best_of_k_win_rate" in judged:
-        print(f"  best-of-{judged['best_of_k']} from SFT picked by the reward model (no PPO): {rate('best_of_k_')}")
-    print(f"  KL to SFT {judged['kl_to_sft']:.2f} nats per answer; answers' loss under SFT {judged['answer_nll']:.2f} "
+        say(f"  best-of-{judged['best_of_k']} from SFT picked by the reward model (no PPO): {rate('best_of_k_')}")
+    say(f"  KL to SFT {judged['kl_to_sft']:.2f} nats per answer; answers' loss under SFT {judged['answer_nll']:.2f} "
           f"nats/token (SFT's own answers: {judged['answer_nll_baseline']:.2f}); reward-model score "
           f"{judged['reward_policy']:+.2f} vs {judged['reward_baseline']:+.2f}")
     if "correct_policy" in judged:
-        print(f"  verified-correct answers {100 * judged['correct_policy']:.1f}% vs {100 * judged['correct_baseline']:.1f}%")
+        say(f"  verified-correct answers {100 * judged['correct_policy']:.1f}% vs {100 * judged['correct_baseline']:.1f}%")
     promotion = round_["promotion"]
-    print(f"policy version {promotion['version']}: " + ("promoted to policy@champion" if promotion["promoted"]
+    say(f"policy version {promotion['version']}: " + ("promoted to policy@champion" if promotion["promoted"]
                                                           else "not promoted (it did not beat the champion)"))
 
 
 def round_report_card(run_id: str, rounds: Sequence[dict], directory: Path) -> Path:
     """The report card of a feedback flow run: each round's figures, its stages' wall time and curves."""
-    with contextlib.redirect_stdout(io.StringIO()) as text:
-        for round_ in rounds:
-            print(f"round {round_['round']}")
-            print_feedback_round(round_)
+    text = io.StringIO()
+    for round_ in rounds:
+        print(f"round {round_['round']}", file=text)
+        print_feedback_round(round_, file=text)
+    print(text.getvalue())
     timings = stage_timings(run_id, ("sample", "rank", "reward", "ppo", "judge"))
     return write_report_card(directory, title="instructflow feedback round: report card", summary=text.getvalue(),
                              run_ids=[run_id], log_on=run_id, timings=timings, wall_s=sum(timings.values()))
