@@ -129,9 +129,9 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(two_rounds, sft_model
     assert resumed and resumed[0].value >= 16  # at least one rollout batch was not redone
     episodes = sorted(m.step for m in tracking.client().get_metric_history(runs[0].info.run_id, "ppo/objective/kl"))
     assert episodes == sorted(set(episodes)) and episodes[-1] == 160  # every batch logged once
-    import torch
+    from model.checkpoint import load_extra
 
-    extra = torch.load(Path(policy) / "extra.pt", weights_only=False)
+    extra = load_extra(Path(policy) / "extra.pt")
     assert extra["episodes"] == 160 and extra["resumed_from"] >= 16
 
 
