@@ -50,7 +50,9 @@ def run_reporting_errors(entry: Callable[[], object]) -> int:
     """Run `entry`; a mistake the user can fix is printed as `error: ...` with exit status 2."""
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
-    if os.environ.get("INSTRUCTFLOW_VERBOSE", "") in ("", "0"):
+    from tasks.console import verbose
+
+    if not verbose():
         from prefect.logging.configuration import setup_logging
 
         setup_logging()  # Prefect's handlers exist from here on; this is what its first flow run would do

@@ -155,10 +155,3 @@ class Progress:
                                   bar_format="{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
                                              "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
         return f"{self.label:<14} {meter}"
-
-
-class NullProgress(Progress):
-    """No progress lines (ranks other than 0, runs without a console)."""
-
-    def __init__(self) -> None:
-        super().__init__("", 1, enabled=False)
