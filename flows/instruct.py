@@ -25,8 +25,8 @@ def rank(samples_uri: str, k: int = 4, params: RankParams = RankParams(), parent
     simulated = params.labeler == "simulated"
     project = send_for_ranking(samples_uri, params.project, require_levels(k), params.seed, params.round,
                                simulated_noise=params.noise if simulated else None)
-    if simulated:  # tasks of the project that were imported unranked (e.g. by an earlier round of people)
-        simulated_labeling(project["project_id"], params.noise, params.seed)
+    if simulated and project["already_present"]:  # tasks imported before may be unranked (e.g. a round of people's);
+        simulated_labeling(project["project_id"], params.noise, params.seed)  # the new ones came ranked
     if params.wait == "pause":
         wait_for_rankings(project["project_id"], project["url"], params.min_done, params.timeout_s)
     collected = collect_comparisons(project["project_id"], params.project, params.dataset, parent_run_id, params.round)

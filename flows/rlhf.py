@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.instruct import rank
+from tasks.feedback import labelstudio_ready
 from tasks.params import JudgeParams, PPOParams, RankParams, RewardParams, SampleParams
 from tasks.report_card import round_report_card
 from tasks.rlhf import champion_checkpoint, judge, ppo, promote, recorded_promotion, reward, reward_quality
@@ -54,8 +55,10 @@ def rlhf(
     with pipeline_run("rlhf", params) as run_id:
         for n in range(1, rounds + 1):
             name = f"{rank_params.round}.{n}" if rounds > 1 else rank_params.round
+            labelstudio = labelstudio_ready.submit()  # Label Studio starts while the policy samples
             samples = sample(policy, tokenizer, sample_params.model_copy(update={"seed": sample_params.seed + n - 1}),
                              run_id)
+            labelstudio.result()
             ranked = rank(samples, sample_params.k, rank_params.model_copy(update={"round": name}), run_id)
             # all comparisons so far: the dataset as this round left it (the same version on a re-run)
             data = {"dataset": rank_params.dataset, "version": ranked["round_version"]}

@@ -225,33 +225,39 @@ def kwise_loss(rewards: torch.Tensor, batch: RankingBatch) -> tuple[torch.Tensor
     return loss, {"accuracy": accuracy, "margin": margin.mean().item()}
 
 
-@torch.no_grad()
-def pairwise_accuracy(model: RewardModel, rankings: Sequence[Ranking], *, pad: int, batch_size: int = 32,
-                      autocast=None) -> dict[str, float]:
-    """Held-out agreement with the labels: the share of strict pairs the model orders as the labeler did, and
-    the K-wise loss (ties excluded)."""
+def ranking_accuracy(rewards: Sequence[torch.Tensor], rankings: Sequence[Ranking]) -> dict[str, float]:
+    """Agreement with the labels from each ranking's rewards (rewards[i] holds ranking i's K rewards): the share of
+    strict pairs ordered as the labeler did, and the K-wise loss (the mean over rankings of the mean over each
+    ranking's pairs of −log σ(r_better − r_worse)); ties and all-tied rankings are left out."""
     correct, pairs, loss_sum, counted = 0, 0, 0.0, 0
-    autocast = autocast or nullcontext
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(rankings), batch_size):
-        chunk = [r for r in rankings[i:i + batch_size] if ranking_pairs(r.ranks)]
-        if not chunk:
+    for r, ranking in zip(rewards, rankings, strict=True):
+        strict = ranking_pairs(ranking.ranks)
+        if not strict:
             continue
-        batch = collate_rankings(chunk, pad, model.config.block_size, None, device)
-        with autocast():
-            rewards = model(batch.idx, batch.lengths).float()
-        loss, _ = kwise_loss(rewards, batch)
-        margin = rewards[batch.better] - rewards[batch.worse]
+        margin = r[[i for i, _, _ in strict]] - r[[j for _, j, _ in strict]]
         correct += int((margin > 0).sum())
-        pairs += batch.pairs
-        loss_sum += loss.item() * batch.rankings
-        counted += batch.rankings
-    model.train(was_training)
+        pairs += len(strict)
+        loss_sum += float(-F.logsigmoid(margin).mean())
+        counted += 1
     if not pairs:
         raise InstructflowError("no held-out comparison to measure the reward model on")
     return {"accuracy": correct / pairs, "loss": loss_sum / counted, "pairs": pairs}
+
+
+def score_rankings(model: RewardModel, rankings: Sequence[Ranking], *, pad: int, batch_size: int = 32,
+                   autocast=None) -> list[torch.Tensor]:
+    """Each ranking's rewards (K,), every response scored once in eval mode."""
+    flat = [s for r in rankings for s in r.sequences]
+    rewards = score(model, flat, pad=pad, batch_size=batch_size, autocast=autocast) if flat else torch.zeros(0)
+    return list(rewards.split([len(r.sequences) for r in rankings]))
+
+
+def pairwise_accuracy(model: RewardModel, rankings: Sequence[Ranking], *, pad: int, batch_size: int = 32,
+                      autocast=None) -> dict[str, float]:
+    """Held-out agreement with the labels (ranking_accuracy of the model's rewards)."""
+    with_pairs = [r for r in rankings if ranking_pairs(r.ranks)]
+    rewards = score_rankings(model, with_pairs, pad=pad, batch_size=batch_size, autocast=autocast)
+    return ranking_accuracy(rewards, with_pairs)
 
 
 # --- the training loop ---------------------------------------------------------------------------

@@ -74,6 +74,16 @@ def ranking_items(samples_uri: str, round_name: str) -> list[dict]:
     return items
 
 
+@task(name="label-studio", cache_policy=NO_CACHE)
+def labelstudio_ready() -> str:
+    """The URL of a Label Studio that accepts our key, starting the local server when none is configured (a round
+    submits this while its policy samples, so the server's start-up overlaps the sampling)."""
+    from tasks import labelstudio
+
+    url, _ = labelstudio.connection()
+    return url
+
+
 @task(name="send-for-ranking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def send_for_ranking(samples_uri: str, project: str, levels: int, seed: int, round_name: str,
                      simulated_noise: float | None = None) -> dict:

@@ -227,6 +227,8 @@ class RewardParams(Params):
     epochs: int = Field(1, ge=1, description="InstructGPT: one epoch, more overfits")
     tie_target: float | None = Field(None, ge=0, le=1, description="None: ties give no pair; 0.5: a tie trains toward equal rewards")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out for accuracy")
+    reference_samples: int | None = Field(2048, ge=2, description="distinct ranked responses (a seeded sample) the "
+                                          "reward is normalised on, to mean 0 and std 1; None: all of them")
     eval_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     num_workers: int = Field(1, ge=1)

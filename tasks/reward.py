@@ -3,8 +3,9 @@
 The driver regroups the comparisons dataset into one ranking per annotation (a prompt, its K ranked responses),
 checks it (clear errors before any training), splits it by prompt into train and held-out rankings, renders every
 response in the chat format and writes `rankings.json`. Each worker starts the reward model from the SFT policy,
-trains, and rank 0 normalises it on reference samples (every distinct response of the comparisons: samples of the
-policies being ranked) and writes it. Held-out accuracy is measured against the labels and, where the simulated
+trains, and rank 0 normalises it on reference samples (distinct responses of the comparisons, samples of the
+policies being ranked: a seeded sample of `reference_samples` of them, which fixes the mean to about 2% of a
+standard deviation) and writes it. Held-out accuracy is measured against the labels and, where the simulated
 labeler's gold preference exists, against that.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from model.checkpoint import load_checkpoint, load_extra
 from model.errors import InstructflowError
 from model.files import atomic_write
 from model.reward import (Ranking, RewardConfig, RewardModel, RewardState, load_reward_model, normalise,
-                          pairwise_accuracy, save_reward_model, score, train_reward)
+                          ranking_accuracy, save_reward_model, score_rankings, train_reward)
 from model.sft import render
 from model.text import split_of
 from model.tokenizer import Tokenizer
@@ -108,18 +110,20 @@ def split_rankings(rankings: list[dict], val_fraction: float, seed: int) -> tupl
     return train, val
 
 
-def write_rankings(path: Path, tokenizer: Tokenizer, train: list[dict], val: list[dict], gold=None) -> Path:
+def write_rankings(path: Path, tokenizer: Tokenizer, train: list[dict], val: list[dict], gold=None, *,
+                   reference_samples: int | None = None, seed: int = 0) -> Path:
     """Render each ranking's responses (prompt + response + <|end|>) and write rankings.json for the workers.
 
-    gold(prompt, response) -> float, when given, is stored per held-out response for the gold accuracy.
+    gold(prompt, response) -> float, when given, is stored per held-out response for the gold accuracy. The
+    reference the reward is normalised on is every distinct response, or a seeded sample of `reference_samples`.
     """
     def rendered(r: dict) -> list[list[int]]:
         return [render(tokenizer, r["prompt"], text).ids for text in r["responses"]]
 
-    reference = {}
-    for r in train + val:
-        for text in r["responses"]:
-            reference.setdefault((r["prompt"], text), None)
+    reference = list(dict.fromkeys((r["prompt"], text) for r in train + val for text in r["responses"]))
+    if reference_samples is not None and len(reference) > reference_samples:
+        keep = sorted(random.Random(seed).sample(range(len(reference)), reference_samples))
+        reference = [reference[i] for i in keep]
     payload = {
         "train": [[rendered(r), r["ranks"]] for r in train],
         "val": [[rendered(r), r["ranks"]] for r in val],
@@ -186,18 +190,15 @@ def worker_loop(job: dict) -> None:
                  world_size=worker.world_size)
     if rank == 0:
         summary: dict = {"train_rankings": len(data["train"]), "val_rankings": len(data["val"]), "steps": total}
+        # the held-out responses are scored once: accuracy against the labels, then (normalising is a positive
+        # affine map, which keeps every order) against the gold preference
+        held_out = score_rankings(model, data["val"], pad=job["pad"], autocast=autocast) if data["val"] else []
         if any(len(set(r.ranks)) > 1 for r in data["val"]):
-            held_out = pairwise_accuracy(model, data["val"], pad=job["pad"], autocast=autocast)
-            summary |= {"val_accuracy": held_out["accuracy"], "val_loss": held_out["loss"], "val_pairs": held_out["pairs"]}
+            labels = ranking_accuracy(held_out, data["val"])
+            summary |= {"val_accuracy": labels["accuracy"], "val_loss": labels["loss"], "val_pairs": labels["pairs"]}
         summary |= normalise(model, data["reference"], pad=job["pad"], autocast=autocast)
         if data.get("val_gold"):
-            flat = [list(s) for r in data["val"] for s in r.sequences]
-            rewards = score(model, flat, pad=job["pad"], autocast=autocast).tolist()
-            per_ranking, n = [], 0
-            for r in data["val"]:
-                per_ranking.append(rewards[n:n + len(r.sequences)])
-                n += len(r.sequences)
-            summary |= gold_accuracy(per_ranking, data["val_gold"])
+            summary |= gold_accuracy([r.tolist() for r in held_out], data["val_gold"])
         save_reward_model(model, job["out_dir"], info={**summary, "tokenizer_sha256": job["tokenizer_sha256"]})
         metrics.add({k: v for k, v in summary.items() if isinstance(v, (int, float))}, total)
     metrics.flush()

@@ -72,7 +72,8 @@ def reward(sft_uri: str, tokenizer_uri: str | None, params: RewardParams, parent
     def build(run_id: str, out: Path) -> Path:
         gold = gold_preference if val and all(has_gold_preference(r["prompt"]) for r in val) else None
         job = reward_job(init=Path(sft_uri), cfg=cfg,
-                         rankings=write_rankings(out / "rankings.json", tokenizer, train, val, gold),
+                         rankings=write_rankings(out / "rankings.json", tokenizer, train, val, gold,
+                                                  reference_samples=params.reference_samples, seed=params.seed),
                          out_dir=out / "model", pad=tokenizer.eot_id, run_id=run_id,
                          checkpoint_every=params.checkpoint_every, tokenizer_sha256=_sha256(tokenizer_uri))
         summary = run_reward(key=key, job=job, num_workers=params.num_workers, use_gpu=params.use_gpu,

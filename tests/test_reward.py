@@ -14,7 +14,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.gpt import GPT
 from model.reward import (Ranking, RewardConfig, RewardModel, collate_rankings, kwise_loss, load_reward_model,
-                          normalise, pairwise_accuracy, ranking_pairs, right_pad, save_reward_model, score,
+                          normalise, pairwise_accuracy, ranking_accuracy, ranking_pairs, right_pad, save_reward_model, score,
                           train_reward)
 
 CONFIG = GPTConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -68,6 +68,19 @@ def test_kwise_loss_is_the_mean_over_prompts_of_the_mean_over_their_pairs():
     loss, _ = kwise_loss(torch.tensor([0.7, -0.2]), tied)
     d = torch.tensor(0.9)
     torch.testing.assert_close(loss, -(F.logsigmoid(d) + F.logsigmoid(-d)) / 2)
+
+
+def test_held_out_accuracy_and_loss_are_the_training_loss_on_each_rankings_rewards():
+    rankings = [Ranking(((1,), (2,), (3,)), (0, 1, 2)), Ranking(((4,), (5,)), (1, 0)), Ranking(((6,), (7,)), (0, 0))]
+    tied = torch.tensor([0.0, 0.0])
+    held_out = ranking_accuracy([torch.tensor([2.0, 0.5, -1.0]), torch.tensor([0.3, 1.1]), tied], rankings)
+    loss, _ = kwise_loss(torch.tensor([2.0, 0.5, -1.0, 0.3, 1.1]), collate_rankings(rankings[:2], pad=0, block_size=8))
+    assert held_out["pairs"] == 4 and held_out["accuracy"] == 1.0  # the all-tied ranking gives no pair
+    assert held_out["loss"] == pytest.approx(float(loss))
+    wrong_way = ranking_accuracy([torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.3, 1.1]), tied], rankings)
+    assert wrong_way["accuracy"] == 1 / 4
+    with pytest.raises(InstructflowError, match="no held-out comparison"):
+        ranking_accuracy([tied], rankings[2:])
 
 
 def test_every_response_goes_through_the_model_once_per_step():
