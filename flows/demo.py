@@ -26,6 +26,7 @@ from tasks.params import (DemonstrationParams, EvaluateParams, FinetuneParams, I
                           PretrainParams, RankParams, RewardParams, SampleParams, SFTParams, TaskParams,
                           TokenizerParams)
 from tasks.report_card import print_feedback_round, write_report_card
+from tasks.ray_train import start_ray_in_background
 from tasks.reports import stage_time_of, stage_timings, training_summary
 from tasks.settings import mlflow_tracking_uri, state_dir
 from tasks.stats import proportion_interval, with_interval
@@ -64,6 +65,7 @@ DEMO_JUDGE = JudgeParams(prompts="reviews", n_prompts=300, max_new_tokens=24)
 
 def demo(max_steps: int = DEMO_PRETRAIN.max_steps) -> dict:
     started = time.perf_counter()
+    start_ray_in_background()  # a local Ray starts while Prefect starts its temporary server
     result = pipeline(DEMO_INGEST, TokenizerParams(), DEMO_PRETRAIN.model_copy(update={"max_steps": max_steps}),
                       finetune_tasks=[TaskParams(name="sentiment")], finetune_params=DEMO_FINETUNE,
                       evaluate_tasks=[TaskParams(name="sentiment"), TaskParams(name="quartz")],

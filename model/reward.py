@@ -106,19 +106,23 @@ def right_pad(sequences: Sequence[Sequence[int]], pad: int, device=None) -> tupl
 @torch.no_grad()
 def score(model: RewardModel, sequences: Sequence[Sequence[int]], *, pad: int, batch_size: int = 32,
           autocast=None) -> torch.Tensor:
-    """Rewards (N,) of token-id sequences (each truncated to its last block_size tokens), in eval mode."""
+    """Rewards (N,) of token-id sequences (each truncated to its last block_size tokens), in eval mode.
+
+    Batches are formed in order of length (less padding to compute); the rewards come back in the given order."""
     autocast = autocast or nullcontext
     device = next(model.parameters()).device
     block = model.config.block_size
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        idx, lengths = right_pad([s[-block:] for s in sequences[i:i + batch_size]], pad, device)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = torch.empty(len(sequences))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        idx, lengths = right_pad([sequences[r][-block:] for r in rows], pad, device)
         with autocast():
-            out.append(model(idx, lengths).float().cpu())
+            rewards[rows] = model(idx, lengths).float().cpu()
     model.train(was_training)
-    return torch.cat(out)
+    return rewards
 
 
 @torch.no_grad()

@@ -125,10 +125,18 @@ class Rollout:
     raw_scores: torch.Tensor | None = None  # (B,) reward-model score alone
 
     def select(self, rows: torch.Tensor) -> Rollout:
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Rollout(self.idx[rows], self.attention_mask[rows], self.prompt_len, self.mask[rows], self.ended[rows],
-                       pick(self.logprobs), pick(self.ref_logprobs), pick(self.values), pick(self.scores),
-                       pick(self.raw_scores))
+        """These rows, without the columns that are padding in all of them: the prompt columns left of their
+        longest prompt and the response columns right of their longest response (R shrinks to that response).
+        Positions count real tokens only and attention is causal, so every remaining value is unchanged."""
+        real = self.attention_mask[rows].bool()
+        first = int(real[:, :self.prompt_len].any(0).long().argmax())  # first prompt column holding a token
+        R = max(1, int(self.mask[rows].sum(1).max()))
+        keep = slice(first, self.prompt_len + R)
+        pick = lambda t: None if t is None else t[rows][:, :R]  # noqa: E731  per-token (B, R) tensors
+        whole = lambda t: None if t is None else t[rows]  # noqa: E731  per-sequence (B,) tensors
+        return Rollout(self.idx[rows][:, keep], self.attention_mask[rows][:, keep], self.prompt_len - first,
+                       self.mask[rows][:, :R], self.ended[rows], pick(self.logprobs), pick(self.ref_logprobs),
+                       pick(self.values), whole(self.scores), whole(self.raw_scores))
 
 
 def lay_out(queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad: int,
@@ -345,10 +353,11 @@ def ppo(
                 with sync(), autocast():
                     logits = response_logits(policy, part, cfg.temperature)
                     new_logprobs = logprobs_from_logits(logits, part.idx[:, part.prompt_len:])
-                    pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, advantages[rows], part.mask,
+                    R = part.mask.size(1)  # the minibatch's longest response
+                    pg_loss, pg_stats = policy_loss(new_logprobs, part.logprobs, advantages[rows, :R], part.mask,
                                                     cfg.clip_range)
                     new_values = response_values(value, part).float()
-                    vf_loss, vf_stats = value_loss(new_values, part.values, returns[rows], part.mask,
+                    vf_loss, vf_stats = value_loss(new_values, part.values, returns[rows, :R], part.mask,
                                                    cfg.clip_range_value)
                     loss = pg_loss + cfg.value_coef * vf_loss
                 check_finite("the PPO loss", loss)

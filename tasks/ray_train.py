@@ -34,19 +34,35 @@ State = TypeVar("State")
 # --- connecting to Ray ---------------------------------------------------------------------------
 
 
+_CONNECTING = threading.Lock()  # one connection at a time: a second caller waits for the first one's Ray
+
+
 def ensure_ray() -> None:
     """Attach to RAY_ADDRESS if set, else start a local Ray (files and auth token in the state dir)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = ray_address()
-    if address:
-        _attach_to_cluster(address)
-    elif threading.current_thread() is threading.main_thread():
-        _start_local_ray()
-    else:
-        _start_local_ray_in_keeper_thread()
+    with _CONNECTING:
+        if ray.is_initialized():
+            return
+        address = ray_address()
+        if address:
+            _attach_to_cluster(address)
+        elif threading.current_thread() is threading.main_thread():
+            _start_local_ray()
+        else:
+            _start_local_ray_in_keeper_thread()
+
+
+def start_ray_in_background() -> None:
+    """ensure_ray() in a thread, so that Ray starts while the caller does other work (the demo starts it beside
+    Prefect's temporary server); the first stage that needs Ray waits for it. A failure is raised there again."""
+    def connect() -> None:
+        try:
+            ensure_ray()
+        except BaseException:  # noqa: BLE001  the stage's own ensure_ray() raises it where it can be reported
+            pass
+
+    threading.Thread(target=connect, name="ray-start", daemon=True).start()
 
 
 def _attach_to_cluster(address: str) -> None:

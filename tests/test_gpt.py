@@ -5,7 +5,7 @@ import torch
 
 from model.config import GPTConfig
 from model.errors import InstructflowError
-from model.generate import filter_logits, generate
+from model.generate import categorical, filter_logits, generate
 from model.gpt import GPT, attention_masks
 
 
@@ -115,3 +115,13 @@ def test_loss_ignores_masked_targets():
     manual = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 101), targets[:, 5:].reshape(-1))
     torch.testing.assert_close(loss_part, manual)
     assert not torch.isclose(loss_all, loss_part)
+
+
+def test_a_categorical_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).expand(200_000, 6)
+    drawn = categorical(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).double() / len(drawn)
+    assert counts[[0, 2, 5]].sum() == 0  # probability 0, never drawn (the first and last tokens included)
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.005, rtol=0)  # 5 standard errors at n = 200k
+    again = categorical(probs[:8], torch.Generator().manual_seed(0))
+    assert again.tolist() == drawn[:8].tolist()  # the generator's seed fixes the draws

@@ -84,6 +84,23 @@ def test_scoring_a_padded_batch_gives_each_responses_own_log_probabilities():
         torch.testing.assert_close(together[b, :len(r)], own[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_minibatch_drops_the_columns_that_are_padding_in_all_its_rows_and_scores_the_same(good_token_rm):
+    model = gpt().eval()
+    queries, responses = [[2, 3, 4, 5], [3], [2, 4], [6]], [[7, 8, 9, STOP], [9], [7, STOP], [8, 9]]
+    batch = lay_out(queries, responses, PAD, [STOP])
+    batch.values = torch.arange(16.0).view(4, 4)
+    full = logprobs_from_logits(response_logits(model, batch, 1.0), batch.idx[:, batch.prompt_len:])
+    rows = torch.tensor([1, 3])  # prompts of 1 token, responses of 1 and 2: 3 of 4 prompt columns and 2 of 4 go
+    part = batch.select(rows)
+    assert part.idx.tolist() == [[3, 9, PAD], [6, 8, 9]] and part.prompt_len == 1 and part.mask.size(1) == 2
+    assert part.values.tolist() == [[4.0, 5.0], [12.0, 13.0]]
+    trimmed = logprobs_from_logits(response_logits(model, part, 1.0), part.idx[:, part.prompt_len:])
+    torch.testing.assert_close(trimmed * part.mask, full[rows, :2] * part.mask, rtol=1e-5, atol=1e-5)
+    values = rlhf.response_values(good_token_rm, part)
+    torch.testing.assert_close(values * part.mask, rlhf.response_values(good_token_rm, batch)[rows, :2] * part.mask,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_first_rollout_has_zero_kl_and_the_penalty_lands_on_unfinished_responses(good_token_rm):
     policy, ref, value = models(good_token_rm)
     cfg = small_cfg(max_new_tokens=3, missing_end_penalty=2.0)
