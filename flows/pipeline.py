@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.params import EvaluateParams, FinetuneParams, IngestParams, PretrainParams, TaskParams, TokenizerParams
+from tasks.ray_train import start_ray_in_background
 from tasks.stages import evaluate, finetune, ingest, pipeline_run, pretrain, tokenize
 
 
@@ -28,6 +29,7 @@ def pipeline(
               "pretrain": pretrain_params.model_dump(), "finetune_tasks": [t.model_dump() for t in finetune_tasks],
               "finetune": finetune_params.model_dump(), "evaluate_tasks": [t.model_dump() for t in evaluate_tasks],
               "evaluate": evaluate_params.model_dump()}
+    start_ray_in_background()  # pretraining's Ray starts while the text is ingested and tokenised
     with pipeline_run("pipeline", params) as run_id:
         dataset = ingest(ingest_params, run_id)
         tokens = tokenize(dataset, tokenizer_params, run_id)

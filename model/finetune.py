@@ -230,16 +230,19 @@ def epoch_order(n_examples: int, epoch: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict(model: TaskModel, examples: Sequence[Example], pad: int, batch_size: int = 64) -> np.ndarray:
-    """The predicted label (class, or option index) of each example."""
+    """The predicted label (class, or option index) of each example; batches are formed in order of length (less
+    padding), the predictions come back in the given order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(examples), batch_size):
-        logits, _ = model(collate(examples[i:i + batch_size], pad).to(device), lm_loss=False)
-        out.append(logits.argmax(-1).cpu().numpy())
+    order = sorted(range(len(examples)), key=lambda i: max(len(s) for s in examples[i].sequences))
+    predicted = np.zeros(len(examples), dtype=np.int64)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        logits, _ = model(collate([examples[r] for r in rows], pad).to(device), lm_loss=False)
+        predicted[rows] = logits.argmax(-1).cpu().numpy()
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return predicted
 
 
 def classification_metrics(predicted: np.ndarray, gold: np.ndarray, n_classes: int) -> dict[str, float]:

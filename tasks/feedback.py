@@ -120,11 +120,11 @@ def simulated_labeling(project_id: int, noise: float, seed: int, limit: int | No
     return done
 
 
-def ranked_tasks(project_id: int) -> tuple[int, int]:
-    """(tasks with at least one annotation, tasks) of a project."""
+def ranked_tasks(project_id: int, ls=None) -> tuple[int, int]:
+    """(tasks with at least one annotation, tasks) of a project (through `ls`, a LabelStudio client, when given)."""
     from tasks import labelstudio
 
-    project = labelstudio.client().projects.get(id=project_id)
+    project = (ls or labelstudio.client()).projects.get(id=project_id)
     return int(project.num_tasks_with_annotations or 0), int(project.task_number or 0)
 
 
@@ -143,8 +143,11 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
         resumed_by: str = Field("person", description="who resumes the round (kept in the round's log)")
         note: str = Field("", description="optional: anything the next reader of this round should know")
 
+    from tasks import labelstudio
+
     log = get_run_logger()
-    done, total = ranked_tasks(project_id)
+    ls = labelstudio.client()  # the URL and key are found once; every poll of the wait reuses them
+    done, total = ranked_tasks(project_id, ls)
     target = total if min_done is None else min(min_done, total)
     flow_run_id = get_run_context().task_run.flow_run_id
     stop = threading.Event()
@@ -153,7 +156,7 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
         last_said = time.monotonic()
         while not stop.wait(poll_s):
             try:
-                ranked = ranked_tasks(project_id)[0]
+                ranked = ranked_tasks(project_id, ls)[0]
                 if ranked >= target:
                     resume_flow_run(flow_run_id, run_input={"resumed_by": "enough-ranked"})
                     return
@@ -184,7 +187,7 @@ def wait_for_rankings(project_id: int, url: str, min_done: int | None, timeout_s
     finally:
         stop.set()
     log.info("resumed by %s%s; %d of %d tasks ranked", answer.resumed_by, f" ({answer.note})" if answer.note else "",
-             *ranked_tasks(project_id))
+             *ranked_tasks(project_id, ls))
     return answer.resumed_by
 
 

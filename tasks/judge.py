@@ -16,6 +16,8 @@ Diagnostics beside it, so a round that failed says where:
 
 from __future__ import annotations
 
+import torch
+
 from model.checkpoint import load_checkpoint
 from model.generate import generate
 from model.reward import load_reward_model, score
@@ -48,10 +50,14 @@ class _Answers:
 
 
 def judge_policies(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tokenizer_uri: str,
-                   prompts: list[str], params: dict) -> tuple[dict, list[dict]]:
-    """(summary, per-prompt table) of the policy against the baseline; see the module docstring."""
+                   prompts: list[str], params: dict, threads: int | None = None) -> tuple[dict, list[dict]]:
+    """(summary, per-prompt table) of the policy against the baseline (torch on `threads` threads when given); see the
+    module docstring."""
     from tasks.demonstrations import check, family_of
     from tasks.feedback import gold_preference, has_gold_preference
+
+    if threads:
+        torch.set_num_threads(threads)
 
     tokenizer = Tokenizer.load(tokenizer_uri)
     chat = chat_tokens(tokenizer)

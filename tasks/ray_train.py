@@ -54,15 +54,19 @@ def ensure_ray() -> None:
 
 
 def start_ray_in_background() -> None:
-    """ensure_ray() in a thread, so that Ray starts while the caller does other work (the demo starts it beside
-    Prefect's temporary server); the first stage that needs Ray waits for it. A failure is raised there again."""
+    """ensure_ray() in a thread, so that Ray starts while the caller does other work; the first stage that needs Ray
+    waits for it, and a failure is raised there again. The thread is not a daemon: a process that ends sooner waits
+    for the start to finish, so Ray's exit handler shuts down a whole Ray, never half of one.
+
+    Not before Prefect's temporary server is up: that server picks a free port in 8000-9000 and binds it moments
+    later, and Ray's dashboard (8265) could take it in between."""
     def connect() -> None:
         try:
             ensure_ray()
         except BaseException:  # noqa: BLE001  the stage's own ensure_ray() raises it where it can be reported
             pass
 
-    threading.Thread(target=connect, name="ray-start", daemon=True).start()
+    threading.Thread(target=connect, name="ray-start").start()
 
 
 def _attach_to_cluster(address: str) -> None:
@@ -131,6 +135,13 @@ def _accepts_connections(host: str, port: int, timeout: float = 5.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def largest_node_cpus() -> int:
+    """The CPUs of the largest live node: what one Ray task that uses a whole machine may ask for."""
+    import ray
+
+    return max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]), default=1) or 1
 
 
 def _start_local_ray() -> None:

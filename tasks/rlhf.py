@@ -219,7 +219,7 @@ def judge(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tok
     import ray
 
     from tasks.judge import judge_policies
-    from tasks.ray_train import ensure_ray
+    from tasks.ray_train import ensure_ray, largest_node_cpus
 
     policy_uri, tokenizer_uri = resolve_model(policy_uri, tokenizer_uri)
     baseline_uri, _ = resolve_model(baseline_uri, tokenizer_uri)
@@ -234,9 +234,10 @@ def judge(policy_uri: str, baseline_uri: str, sft_uri: str, reward_uri: str, tok
 
     def build(run_id: str, out: Path) -> Path:
         ensure_ray()
-        remote = ray.remote(num_cpus=1)(judge_policies)
+        cpus = largest_node_cpus()  # one task generating for every prompt: it has a whole node's cores
+        remote = ray.remote(num_cpus=cpus)(judge_policies)
         result, table = ray.get(remote.remote(policy_uri, baseline_uri, sft_uri, reward_uri, tokenizer_uri, prompts,
-                                              params.model_dump()))
+                                              params.model_dump(), threads=cpus))
         atomic_write(out / "samples.json", json.dumps(table, indent=2, ensure_ascii=False).encode())
         path = atomic_write(out / "judgement.json", json.dumps(result, indent=2).encode())
         tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in result.items() if isinstance(v, (int, float))},

@@ -53,9 +53,9 @@ def test_simulated_labeler_ranks_and_comparisons_follow_the_gold_preference(serv
     assert again["imported"] == 0 and again["already_present"] == 3 and again["new_rows"] == 0 and again["version"] is None
 
 
-def test_pause_resumes_by_itself_when_a_person_has_ranked_enough(services, tmp_path):
+def test_pause_resumes_by_itself_when_a_person_has_ranked_enough(services, tmp_path, monkeypatch):
     from flows.instruct import rank
-    from tasks import labelstudio, ranking
+    from tasks import feedback, labelstudio, ranking
 
     project = "rank flow people"
     one = {"Add 3 and 4": PROMPTS["Add 3 and 4"]}
@@ -77,10 +77,16 @@ def test_pause_resumes_by_itself_when_a_person_has_ranked_enough(services, tmp_p
     labeler = threading.Thread(target=person)
     labeler.start()
     started = time.time()
+    looked_up, polled = [], []  # threads that looked up the local server's URL (its start script), that polled
+    monkeypatch.setattr(labelstudio, "_start_local_server", lambda real=labelstudio._start_local_server: (
+        looked_up.append(threading.current_thread().name) or real()))
+    monkeypatch.setattr(feedback, "ranked_tasks", lambda *args, real=feedback.ranked_tasks: (
+        polled.append(threading.current_thread().name) or real(*args)))
     result = rank(samples_file(tmp_path / "p.parquet", one), 3,
                   RankParams(project=project, wait="pause", timeout_s=120, dataset="test-people"))
     labeler.join()
     assert time.time() - started < 100  # resumed by the watcher, not by the timeout
+    assert "ranking-watcher" in polled and "ranking-watcher" not in looked_up  # polls reuse the wait's connection
     frame = pd.read_parquet(result["version"])
     assert sorted(zip(frame["chosen"], frame["rejected"])) == [("7", "17"), ("8", "17"), ("8", "7")]
     assert not frame["simulated"].any() and (frame["lead_time"] == 12.5).all()

@@ -14,7 +14,7 @@ from model.config import GPTConfig
 from model.errors import InstructflowError
 from model.gpt import GPT
 from model.reward import (Ranking, RewardConfig, RewardModel, collate_rankings, kwise_loss, load_reward_model,
-                          normalise, pairwise_accuracy, ranking_accuracy, ranking_pairs, right_pad, save_reward_model, score,
+                          normalise, pairwise_accuracy, ranking_accuracy, ranking_pairs, rewards_by_length, right_pad, save_reward_model, score,
                           train_reward)
 
 CONFIG = GPTConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -93,6 +93,21 @@ def test_every_response_goes_through_the_model_once_per_step():
     handle.remove()
     # one step, one forward of 6 prompts x 5 responses (pairs fed one by one would forward 2 x 6 x C(5,2) = 120)
     assert seen == [30]
+
+
+def test_rewards_in_groups_of_similar_length_equal_one_padded_pass_with_the_same_gradients():
+    model = reward_model()
+    sequences = [list(s) for r in synthetic_rankings(5, k=4) for s in r.sequences]  # 20 of 5 to 11 tokens
+    idx, lengths = right_pad(sequences, pad=0)
+    whole = model(idx, lengths)
+    whole.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    grouped = rewards_by_length(model, idx, lengths, group=6)
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
+    grouped.sum().backward()
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_the_reward_is_read_at_the_last_real_token_whatever_the_padding():
