@@ -80,7 +80,7 @@ def rlhf(
                 champion = champion_checkpoint()
                 versus_champion = versus_sft if champion is None else judge(
                     new_policy, champion, sft, reward_model, tokenizer, judge_params, **data, parent_run_id=run_id)
-                promoted = promote(new_policy, versus_champion)
+                promoted = promote(new_policy, versus_champion, judged_against=champion)
             results.append({**round_, "policy": new_policy, "judgement": versus_sft, "promotion": promoted})
             policy = new_policy
     card = round_report_card(run_id, results, state_dir() / "reports" / f"rlhf-{run_id}")

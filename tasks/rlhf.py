@@ -22,6 +22,7 @@ from model.tokenizer import Tokenizer
 from tasks import tracking
 from tasks.artifacts import publish_table
 from tasks.params import JudgeParams, PPOParams, RewardParams
+from tasks.settings import exclusive
 from tasks.stages import cached_stage, read_model_config, resolve_model
 
 POLICY_MODEL, REWARD_MODEL = "policy", "reward"
@@ -258,21 +259,33 @@ PROMOTION_TAG = "instructflow.promotion"
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def promote(policy_uri: str, judgement_uri: str) -> dict:
+def promote(policy_uri: str, judgement_uri: str, judged_against: str | None = None) -> dict:
     """Move alias `champion` to the policy's registered version when its judgement (against the current champion,
-    or SFT when there is none) is a win rate above one half. The decision is recorded on the model version (tag
-    instructflow.promotion), so it is taken once per policy: a re-run of the round returns it unchanged."""
+    whose checkpoint is `judged_against`, or SFT when there is none) is a win rate above one half. The decision is
+    recorded on the model version (tag instructflow.promotion), so it is taken once per policy: a re-run of the round
+    returns it unchanged.
+
+    Decisions are taken one at a time (a lock in the state dir), and only against the champion that was judged: when
+    another round promoted its policy meanwhile, this round stops with a clear error instead of replacing a champion
+    it never compared itself with."""
     registered = json.loads((Path(policy_uri).parent / "metrics.json").read_text())["registered_version"]
-    recorded = recorded_promotion(policy_uri)
-    if recorded is not None:
-        return recorded
-    result = json.loads(Path(judgement_uri).read_text())
-    current = tracking.alias_version(POLICY_MODEL, "champion")
-    decision = {"version": registered, "win_rate": result["win_rate"], "judgement": judgement_uri,
-                "against": f"version {current.version}" if current else "sft", "promoted": result["win_rate"] > 0.5}
-    if decision["promoted"]:
-        tracking.set_alias(POLICY_MODEL, "champion", registered)
-    tracking.client().set_model_version_tag(POLICY_MODEL, registered, PROMOTION_TAG, json.dumps(decision))
+    with exclusive("promotion"):
+        recorded = recorded_promotion(policy_uri)
+        if recorded is not None:
+            return recorded
+        if champion_checkpoint() != judged_against:
+            raise InstructflowError(
+                f"policy@champion changed while this round judged its policy (it was "
+                f"{judged_against or 'not set'}, another round promoted one since); re-run the round: its finished "
+                f"stages are reused and its policy is judged against the new champion")
+        result = json.loads(Path(judgement_uri).read_text())
+        current = tracking.alias_version(POLICY_MODEL, "champion")
+        decision = {"version": registered, "win_rate": result["win_rate"], "judgement": judgement_uri,
+                    "against": f"version {current.version}" if current else "sft",
+                    "promoted": result["win_rate"] > 0.5}
+        if decision["promoted"]:
+            tracking.set_alias(POLICY_MODEL, "champion", registered)
+        tracking.client().set_model_version_tag(POLICY_MODEL, registered, PROMOTION_TAG, json.dumps(decision))
     get_run_logger().info("policy version %s %s (win rate %.3f against %s)", registered,
                           "is the new champion" if decision["promoted"] else "stays a candidate",
                           result["win_rate"], decision["against"])

@@ -14,8 +14,11 @@ Tokens are never read here into code paths that log: they stay in the environmen
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -35,6 +38,19 @@ def private(path: Path) -> None:
     info = path.stat()
     if info.st_uid == os.getuid() and info.st_mode & 0o077:
         path.chmod(0o700)
+
+
+@contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """One holder at a time among this machine's processes: an advisory lock on <state>/locks/<name>.lock."""
+    folder = state_dir() / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cache_dir() -> Path:

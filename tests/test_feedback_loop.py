@@ -134,6 +134,16 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(two_rounds, sft_model
     extra = load_extra(Path(policy) / "extra.pt")
     assert extra["episodes"] == 160 and extra["resumed_from"] >= 16
 
+    # a policy judged against a champion that has changed since (another round promoted meanwhile) is not promoted
+    from tasks.rlhf import champion_checkpoint, promote, recorded_promotion
+
+    judgement = Path(policy).parent / "stale-judgement.json"
+    judgement.write_text(json.dumps({"win_rate": 0.9}))
+    judged_against = None if champion_checkpoint() else str(Path(policy).parent / "a-champion-since-replaced")
+    with pytest.raises(InstructflowError, match="changed while this round judged"):
+        promote.fn(policy, str(judgement), judged_against=judged_against)
+    assert recorded_promotion(policy) is None  # no decision taken: a re-run judges again and decides
+
 
 def write_comparisons(name: str, rows: list[dict]) -> None:
     from tasks.feedback import comparisons_dir
