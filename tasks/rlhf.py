@@ -195,6 +195,8 @@ def reward_quality(reward_uri: str) -> dict:
 def judge_prompts(params: JudgeParams, dataset: str, version: int | None = None) -> list[str]:
     """Held-out prompts for judging: for 'verifiable', held-out prompts that were never sent for ranking (up to the
     dataset's `version`, the one the round ended with: a re-run of the round judges on the same prompts)."""
+    import pandas as pd
+
     from tasks.demonstrations import held_out_prompts
     from tasks.feedback import comparisons_dir
     from tasks.params import SampleParams
@@ -207,7 +209,16 @@ def judge_prompts(params: JudgeParams, dataset: str, version: int | None = None)
     if params.prompts != "verifiable":
         return SampleParams(prompts=params.prompts, n_prompts=params.n_prompts).load_prompts()
     directory = comparisons_dir(dataset)
-    ranked = set(read_comparisons(directory, version)["prompt"]) if read_manifest(directory).get("versions") else set()
+    ranked: set[str] = set()
+    if read_manifest(directory).get("versions"):
+        frame = read_comparisons(directory, version)
+        ranked = set(frame["prompt"])
+        # a task whose responses were all tied gives no comparison: its prompt was still sent, so every prompt of
+        # the samples the comparisons came from is left out too
+        for origin in frame["origin"].dropna().unique() if "origin" in frame.columns else ():
+            samples = json.loads(origin).get("samples") if isinstance(origin, str) and origin.startswith("{") else None
+            if samples and Path(samples).is_file():
+                ranked |= set(pd.read_parquet(samples, columns=["prompt"])["prompt"])
     pool = held_out_prompts(params.n_prompts + len(ranked), seed=params.seed + 7)
     return [p for p in pool if p not in ranked][:params.n_prompts]
 

@@ -97,7 +97,8 @@ def test_two_feedback_rounds_then_a_rerun_reuses_every_stage(two_rounds, sft_mod
         assert r["promotion"]["promoted"] == (vs_champion["win_rate"] > 0.5)
     champion = tracking.alias_version("policy", "champion")
     promoted = [r["promotion"]["version"] for r in result["rounds"] if r["promotion"]["promoted"]]
-    assert (champion.version if champion else None) == (promoted[-1] if promoted else None)
+    # MLflow gives the alias's version as a number, the registration returned it as text
+    assert (str(champion.version) if champion else None) == (str(promoted[-1]) if promoted else None)
 
     # the re-run: nothing recomputed, nothing registered twice, no comparison duplicated
     counts = {s: len(stage_runs(s)) for s in ("sample", "reward", "ppo", "judge")}
@@ -221,7 +222,10 @@ def test_a_round_whose_reward_model_is_at_chance_skips_ppo_and_says_so(two_round
     sft, tokenizer = sft_model
     first = two_rounds["rounds"][0]
     quality = reward_quality(first["reward"])
-    assert quality["rankings"] > 0 and quality["low"] <= quality["accuracy"] <= quality["high"]
+    if quality["rankings"]:  # at chance, with its interval
+        assert quality["low"] <= quality["accuracy"] <= quality["high"] and "at chance" in quality.get("message", "")
+    else:  # the tiny round's few strict rankings may all land in training: then nothing shows it learned either
+        assert "no held-out rankings" in quality["message"]
     if quality["useful"]:
         pytest.skip("this tiny reward model happened to beat chance")
     policies = len(tracking.client().search_model_versions("name='policy'"))
@@ -229,5 +233,5 @@ def test_a_round_whose_reward_model_is_at_chance_skips_ppo_and_says_so(two_round
                  reward_params=REWARD, ppo_params=PPO.model_copy(
                      update={"require_useful_reward": True}), judge_params=JUDGE)
     skipped = again["rounds"][0]
-    assert "at chance" in skipped["skipped"] and "policy" not in skipped and "promotion" not in skipped
+    assert skipped["skipped"] == quality["message"] and "policy" not in skipped and "promotion" not in skipped
     assert len(tracking.client().search_model_versions("name='policy'")) == policies
