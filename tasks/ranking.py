@@ -25,7 +25,6 @@ The comparisons dataset is append-only and versioned: `<dir>/v0001.parquet`, `v0
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import itertools
@@ -36,7 +35,6 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from label_studio_sdk import LabelStudio
 from model.errors import InstructflowError
 from model.files import atomic_write
 from tasks import labelstudio
+from tasks.settings import file_lock
 
 RANKER = "rank"  # the Ranker's name: the key of its results (`from_name`)
 LIST = "candidates"  # the List object the Ranker sorts, fed by the task's `candidates`
@@ -469,16 +468,10 @@ def _version_table(dataset_dir: Path, entry: dict, columns: list[str] | None = N
     return pq.read_table(io.BytesIO(data), columns=columns)
 
 
-@contextmanager
 def _locked(dataset_dir: Path):
     """One writer at a time (an advisory lock on <dir>/.lock)."""
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    with open(dataset_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return file_lock(dataset_dir / ".lock")
 
 
 def append_comparisons(dataset_dir: Path, rows: Sequence[dict]) -> Path | None:

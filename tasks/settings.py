@@ -41,16 +41,21 @@ def private(path: Path) -> None:
 
 
 @contextmanager
-def exclusive(name: str) -> Iterator[None]:
-    """One holder at a time among this machine's processes: an advisory lock on <state>/locks/<name>.lock."""
-    folder = state_dir() / "locks"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    with open(folder / f"{name}.lock", "a") as lock:
+def file_lock(path: Path) -> Iterator[None]:
+    """One holder at a time among this machine's processes: an advisory lock on the file at `path`."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def exclusive(name: str):
+    """file_lock on <state>/locks/<name>.lock (e.g. "promotion")."""
+    folder = state_dir() / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return file_lock(folder / f"{name}.lock")
 
 
 def cache_dir() -> Path:
